@@ -1,0 +1,3 @@
+"""Race telemetry processor."""
+
+__version__ = "0.1.0"

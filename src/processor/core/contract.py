@@ -1,0 +1,189 @@
+"""Stream contract v1 decoder: entry fields in, a :class:`Record` or a :class:`Rejection` out.
+
+Pure and total: :func:`decode_entry` never raises, whatever it is given. The rules are in
+docs/message-schemas.md (from the ingestion contract): three stream fields (``v``, ``imei``,
+``payload``), a JSON payload of fixed keys, and IO values that are unsigned integers or the
+sentinel objects ``{"$bigint": "<decimal>"}`` and ``{"$bytes": "<base64>"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import Any, Final
+
+import msgspec
+
+from processor.core.records import IoValue, Record, Rejection
+from processor.core.records import Sentinel as _Sentinel
+
+CONTRACT_VERSION: Final = b"1"
+SUPPORTED_CODECS: Final = frozenset({8, 16, 142})
+MAX_U64: Final = 2**64 - 1
+
+# Reason codes (dead-letter ``reason`` field).
+INVALID_JSON: Final = "invalid_json"
+MISSING_FIELD: Final = "missing_field"
+UNEXPECTED_FIELD: Final = "unexpected_field"
+BAD_TYPE: Final = "bad_type"
+BAD_SENTINEL: Final = "bad_sentinel"
+OUT_OF_RANGE: Final = "out_of_range"
+UNSUPPORTED_VERSION: Final = "unsupported_version"
+TOO_LARGE: Final = "too_large"
+MAX_DELIVERIES: Final = "max_deliveries"
+
+_FIELDS: Final = frozenset({b"v", b"imei", b"payload"})
+_FIELD_NAME_BYTES: Final = sum(len(name) for name in _FIELDS)
+
+_decoder: Final = msgspec.json.Decoder(Record)
+
+
+def decode_entry(
+    stream_id: str,
+    fields: Mapping[bytes, bytes] | Mapping[str, str] | Mapping[bytes | str, bytes | str],
+    *,
+    max_entry_bytes: int = 65_536,
+    max_io_elements: int = 512,
+) -> Record | Rejection:
+    """Decode and validate one stream entry; never raises."""
+    try:
+        return _decode(stream_id, fields, max_entry_bytes, max_io_elements)
+    except Exception as exc:  # noqa: BLE001 - the decoder is total: any surprise is a rejection
+        return Rejection(BAD_TYPE, f"undecodable entry: {type(exc).__name__}")
+
+
+def _decode(
+    stream_id: str,
+    fields: Mapping[bytes | str, bytes | str] | Mapping[bytes, bytes] | Mapping[str, str],
+    max_bytes: int,
+    max_io: int,
+) -> Record | Rejection:
+    version = imei = payload = None
+    if type(fields) is dict and len(fields) == 3:  # the redis-py shape: bytes to bytes
+        version = fields.get(b"v")
+        imei = fields.get(b"imei")
+        payload = fields.get(b"payload")
+    if type(version) is not bytes or type(imei) is not bytes or type(payload) is not bytes:
+        return _decode_unusual(stream_id, fields, max_bytes, max_io)
+    size = _FIELD_NAME_BYTES + len(version) + len(imei) + len(payload)
+    if size > max_bytes:
+        return Rejection(TOO_LARGE, f"entry is {size} bytes, limit {max_bytes}")
+    if version != CONTRACT_VERSION:
+        return Rejection(UNSUPPORTED_VERSION, f"contract version {_show(version)} is not 1")
+    if len(imei) != 15 or not imei.isdigit():
+        return Rejection(BAD_TYPE, f"imei must be 15 decimal digits, got {_show(imei)}")
+    if not payload.isascii():
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Rejection(INVALID_JSON, f"payload is not UTF-8 (byte {exc.start})")
+    try:
+        record = _decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        return _classify(str(exc))
+    except msgspec.DecodeError as exc:
+        return Rejection(INVALID_JSON, f"payload is not valid JSON: {exc}")
+    if record.device_id or record.imei or record.stream_id:
+        return Rejection(UNEXPECTED_FIELD, "payload names a key reserved for the stream entry")
+    if record.codec not in SUPPORTED_CODECS:
+        return Rejection(OUT_OF_RANGE, f"codec {record.codec} is not 8, 16 or 142")
+    if len(record.io) > max_io:
+        return Rejection(TOO_LARGE, f"{len(record.io)} IO elements, limit {max_io}")
+    if b'"$' in payload:  # no valid payload has '"$' except in a sentinel key
+        failure = _decode_io(record.io)
+        if failure is not None:
+            return failure
+    record.stream_id = stream_id
+    record.imei = imei_text = imei.decode("ascii")
+    record.device_id = int(imei_text)
+    return record
+
+
+def _decode_unusual(
+    stream_id: str,
+    fields: Mapping[bytes | str, bytes | str] | Mapping[bytes, bytes] | Mapping[str, str],
+    max_bytes: int,
+    max_io: int,
+) -> Record | Rejection:
+    """Entries not shaped like redis-py output: name exactly what is missing or extra."""
+    entry = _as_bytes(fields)
+    if isinstance(entry, Rejection):
+        return entry
+    size = sum(len(k) + len(v) for k, v in entry.items())
+    if size > max_bytes:
+        return Rejection(TOO_LARGE, f"entry is {size} bytes, limit {max_bytes}")
+    if b"v" not in entry:
+        return Rejection(MISSING_FIELD, "stream field 'v' is missing")
+    if entry[b"v"] != CONTRACT_VERSION:
+        return Rejection(UNSUPPORTED_VERSION, f"contract version {_show(entry[b'v'])} is not 1")
+    extra = entry.keys() - _FIELDS
+    if extra:
+        names = ", ".join(sorted(_show(k) for k in extra))
+        return Rejection(UNEXPECTED_FIELD, f"unexpected stream field(s): {names}")
+    for name in (b"imei", b"payload"):
+        if name not in entry:
+            return Rejection(MISSING_FIELD, f"stream field {name.decode()!r} is missing")
+    return _decode(stream_id, entry, max_bytes, max_io)
+
+
+def _as_bytes(
+    fields: Mapping[bytes | str, bytes | str] | Mapping[bytes, bytes] | Mapping[str, str],
+) -> dict[bytes, bytes] | Rejection:
+    out: dict[bytes, bytes] = {}
+    for key, value in fields.items():
+        k = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+        v = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+        if not isinstance(k, bytes) or not isinstance(v, bytes):
+            return Rejection(BAD_TYPE, "stream fields must be strings")
+        out[k] = v
+    return out
+
+
+def _decode_io(io: dict[int, Any]) -> Rejection | None:
+    """Replace each sentinel in ``io`` by its value, in place; a rejection if one is bad."""
+    for key in [k for k, v in io.items() if type(v) is _Sentinel]:
+        decoded = _decode_sentinel(key, io[key])
+        if isinstance(decoded, Rejection):
+            return decoded
+        io[key] = decoded
+    return None
+
+
+def _decode_sentinel(key: int, sentinel: _Sentinel) -> IoValue | Rejection:
+    if (sentinel.bigint is None) == (sentinel.raw is None):
+        return Rejection(BAD_SENTINEL, f"io {key}: a sentinel has exactly one key")
+    if sentinel.bigint is not None:
+        text = sentinel.bigint
+        if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
+            return Rejection(BAD_SENTINEL, f"io {key}: $bigint is not an unsigned decimal")
+        value = int(text)
+        if value > MAX_U64:
+            return Rejection(OUT_OF_RANGE, f"io {key}: $bigint exceeds 64 bits")
+        return value
+    try:
+        return base64.b64decode(sentinel.raw or "", validate=True)
+    except (binascii.Error, ValueError):
+        return Rejection(BAD_SENTINEL, f"io {key}: $bytes is not valid base64")
+
+
+def _classify(message: str) -> Rejection:
+    """Turn a msgspec validation message into a reason code; the message is the detail."""
+    if message.startswith("Object missing required field"):
+        if "$.io" in message:
+            return Rejection(BAD_SENTINEL, message)
+        return Rejection(MISSING_FIELD, message)
+    if "$.io[" in message and ("unknown field" in message or ".$" in message):
+        return Rejection(BAD_SENTINEL, message)
+    if message.startswith("Object contains unknown field"):
+        return Rejection(UNEXPECTED_FIELD, message)
+    if message.startswith("Number out of range") or any(
+        op in message for op in (">=", "<=", "` >", "` <")
+    ):
+        return Rejection(OUT_OF_RANGE, message)
+    return Rejection(BAD_TYPE, message)
+
+
+def _show(raw: bytes) -> str:
+    text = raw[:40].decode("utf-8", "backslashreplace")
+    return repr(text + ("…" if len(raw) > 40 else ""))
