@@ -1,0 +1,261 @@
+"""Consumer-group reading of the record stream, dead letters and acknowledgement.
+
+One :class:`StreamSource` per consumer. It yields :class:`Delivery` batches: first this
+consumer's own pending entries (left by a previous run under the same name), then
+entries idle too long at other (dead) consumers, claimed with XAUTOCLAIM, then new ones.
+Entries delivered more than ``max_deliveries`` times are marked for the dead-letter
+stream instead of being processed again. :meth:`StreamSource.settle` writes dead letters
+and acknowledges in one MULTI/EXEC, so an entry is dead-lettered exactly once even if the
+process dies around it.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from processor.core.contract import MAX_DELIVERIES
+from processor.core.records import Rejection
+
+Fields = dict[bytes, bytes]
+
+_PHASE_PENDING: Final = "pending"
+_PHASE_CLAIM: Final = "claim"
+_PHASE_NEW: Final = "new"
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A batch of stream entries as read, with the ids to dead-letter unprocessed."""
+
+    entries: list[tuple[str, Fields]]
+    exhausted: list[DeadLetter] = field(default_factory=list)
+    vanished: list[str] = field(default_factory=list)  # pending ids whose entry was trimmed
+    phase: str = _PHASE_NEW
+
+    def empty(self) -> bool:
+        """True when there is nothing to process, dead-letter or acknowledge."""
+        return not (self.entries or self.exhausted or self.vanished)
+
+    def all_ids(self) -> list[str]:
+        """Every id this delivery must eventually acknowledge."""
+        ids = [sid for sid, _ in self.entries]
+        ids.extend(letter.source_id for letter in self.exhausted)
+        ids.extend(self.vanished)
+        return ids
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One rejected entry, in the dead-letter format of the stream contract."""
+
+    source_id: str
+    reason: str
+    detail: str
+    fields: Fields
+
+    def to_fields(self, failed_at_ms: int) -> dict[str, str]:
+        """The dead-letter stream entry: original fields kept, undecodable bytes as base64."""
+        return {
+            "source_id": self.source_id,
+            "reason": self.reason,
+            "detail": self.detail,
+            "fields": _fields_json(self.fields),
+            "failed_at": str(failed_at_ms),
+        }
+
+    @classmethod
+    def from_rejection(cls, source_id: str, rejection: Rejection, fields: Fields) -> DeadLetter:
+        return cls(source_id, rejection.reason, rejection.detail, fields)
+
+    @classmethod
+    def exhausted(cls, source_id: str, deliveries: int, fields: Fields) -> DeadLetter:
+        detail = f"delivered {deliveries} times without being acknowledged"
+        return cls(source_id, MAX_DELIVERIES, detail, fields)
+
+
+def _fields_json(fields: Fields) -> str:
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        name = key.decode("utf-8", "backslashreplace")
+        try:
+            out[name] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            out[name] = {"$bytes": base64.b64encode(value).decode("ascii")}
+    return orjson.dumps(out).decode("utf-8")
+
+
+def entry_id(raw: Any) -> str:
+    """A stream entry id as text, whether redis-py returned bytes or str."""
+    return raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
+
+
+class StreamSource:
+    """Reads one consumer's share of a stream through its consumer group."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        dead_letter_stream: str,
+        max_deliveries: int,
+        claim_idle_ms: int,
+        count: int,
+        block_ms: int,
+    ) -> None:
+        self._redis = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.dead_letter_stream = dead_letter_stream
+        self._max_deliveries = max_deliveries
+        self._claim_idle_ms = claim_idle_ms
+        self._count = count
+        self._block_ms = block_ms
+        self._phase = _PHASE_PENDING
+        self._pending_cursor = "0-0"
+        self._claim_cursor = "0-0"
+        self._next_claim = 0.0
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) if missing; reading starts at 0."""
+        try:
+            await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def restart_pending(self) -> None:
+        """Read own pending entries again from the start (after a reconnect)."""
+        self._phase = _PHASE_PENDING
+        self._pending_cursor = "0-0"
+
+    async def read(self) -> Delivery:
+        """The next batch: own pending first, then idle entries claimed, then new ones."""
+        if self._phase == _PHASE_PENDING:
+            delivery = await self._read_pending()
+            if not delivery.empty():
+                return delivery
+            self._phase = _PHASE_NEW
+        now = time.monotonic()
+        if now >= self._next_claim:
+            delivery = await self._claim_idle()
+            if not delivery.empty():
+                return delivery
+            self._next_claim = now + self._claim_idle_ms / 2000
+        return await self._read_new()
+
+    async def _read_pending(self) -> Delivery:
+        response = await self._redis.xreadgroup(
+            self.group, self.consumer, {self.stream: self._pending_cursor}, count=self._count
+        )
+        entries, vanished = _entries(response)
+        if not entries and not vanished:
+            return Delivery([], phase=_PHASE_PENDING)
+        self._pending_cursor = max((sid for sid, _ in entries), default="0-0", key=_id_key)
+        self._pending_cursor = max(self._pending_cursor, *vanished, key=_id_key)
+        delivery = await self._split_exhausted(entries, _PHASE_PENDING)
+        delivery.vanished = vanished
+        return delivery
+
+    async def _claim_idle(self) -> Delivery:
+        response = await self._redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self._claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self._count,
+        )
+        cursor, claimed = response[0], response[1]
+        self._claim_cursor = entry_id(cursor)
+        entries = [(entry_id(i), f) for i, f in claimed if f]
+        # Redis 7 drops deleted entries from the PEL itself and lists them in response[2].
+        if not entries:
+            return Delivery([], phase=_PHASE_CLAIM)
+        return await self._split_exhausted(entries, _PHASE_CLAIM)
+
+    async def _read_new(self) -> Delivery:
+        response = await self._redis.xreadgroup(
+            self.group,
+            self.consumer,
+            {self.stream: ">"},
+            count=self._count,
+            block=self._block_ms,
+        )
+        entries, vanished = _entries(response)
+        return Delivery(entries, vanished=vanished, phase=_PHASE_NEW)
+
+    async def _split_exhausted(self, entries: list[tuple[str, Fields]], phase: str) -> Delivery:
+        """Set apart entries already delivered more than ``max_deliveries`` times."""
+        if not entries:
+            return Delivery([], phase=phase)
+        counts = await self._delivery_counts(entries[0][0], entries[-1][0], len(entries))
+        keep: list[tuple[str, Fields]] = []
+        exhausted: list[DeadLetter] = []
+        for sid, fields in entries:
+            times = counts.get(sid, 1)
+            if times > self._max_deliveries:
+                exhausted.append(DeadLetter.exhausted(sid, times, fields))
+            else:
+                keep.append((sid, fields))
+        return Delivery(keep, exhausted, phase=phase)
+
+    async def _delivery_counts(self, first: str, last: str, count: int) -> dict[str, int]:
+        rows = await self._redis.xpending_range(
+            self.stream, self.group, min=first, max=last, count=count, consumername=self.consumer
+        )
+        return {entry_id(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+    async def settle(self, ids: Sequence[str], dead: Iterable[DeadLetter]) -> None:
+        """Dead-letter ``dead`` and acknowledge ``ids`` (which include them) atomically."""
+        now_ms = int(time.time() * 1000)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for letter in dead:
+                pipe.xadd(self.dead_letter_stream, letter.to_fields(now_ms))  # type: ignore[arg-type]
+            if ids:
+                pipe.xack(self.stream, self.group, *ids)
+            await pipe.execute()
+
+    async def pending_count(self) -> int:
+        """Entries delivered to the group and not yet acknowledged (all consumers)."""
+        summary = await self._redis.xpending(self.stream, self.group)
+        return int(summary["pending"])
+
+    async def lag_entries(self) -> int | None:
+        """Entries in the stream not yet delivered to the group (Redis ≥ 7), if known."""
+        groups = await self._redis.xinfo_groups(self.stream)
+        for info in groups:
+            name = info.get("name")
+            if entry_id(name) == self.group:
+                lag = info.get("lag")
+                return int(lag) if lag is not None else None
+        return None
+
+
+def _entries(response: Any) -> tuple[list[tuple[str, Fields]], list[str]]:
+    """Entries with fields, and ids whose entry was deleted while pending (no fields)."""
+    out: list[tuple[str, Fields]] = []
+    vanished: list[str] = []
+    for _stream, items in response or ():
+        for raw_id, fields in items:
+            if fields:
+                out.append((entry_id(raw_id), fields))
+            else:
+                vanished.append(entry_id(raw_id))
+    return out, vanished
+
+
+def _id_key(sid: str) -> tuple[int, int]:
+    ms, _, seq = sid.partition("-")
+    return int(ms), int(seq or 0)
