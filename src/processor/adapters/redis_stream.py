@@ -11,20 +11,17 @@ process dies around it.
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from processor.core.contract import MAX_DELIVERIES
-from processor.core.records import Rejection
+from processor.core.deadletter import DeadLetter, Fields
 
-Fields = dict[bytes, bytes]
+__all__ = ["DeadLetter", "Delivery", "Fields", "StreamSource", "entry_id"]
 
 _PHASE_PENDING: Final = "pending"
 _PHASE_CLAIM: Final = "claim"
@@ -50,46 +47,6 @@ class Delivery:
         ids.extend(letter.source_id for letter in self.exhausted)
         ids.extend(self.vanished)
         return ids
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """One rejected entry, in the dead-letter format of the stream contract."""
-
-    source_id: str
-    reason: str
-    detail: str
-    fields: Fields
-
-    def to_fields(self, failed_at_ms: int) -> dict[str, str]:
-        """The dead-letter stream entry: original fields kept, undecodable bytes as base64."""
-        return {
-            "source_id": self.source_id,
-            "reason": self.reason,
-            "detail": self.detail,
-            "fields": _fields_json(self.fields),
-            "failed_at": str(failed_at_ms),
-        }
-
-    @classmethod
-    def from_rejection(cls, source_id: str, rejection: Rejection, fields: Fields) -> DeadLetter:
-        return cls(source_id, rejection.reason, rejection.detail, fields)
-
-    @classmethod
-    def exhausted(cls, source_id: str, deliveries: int, fields: Fields) -> DeadLetter:
-        detail = f"delivered {deliveries} times without being acknowledged"
-        return cls(source_id, MAX_DELIVERIES, detail, fields)
-
-
-def _fields_json(fields: Fields) -> str:
-    out: dict[str, Any] = {}
-    for key, value in fields.items():
-        name = key.decode("utf-8", "backslashreplace")
-        try:
-            out[name] = value.decode("utf-8")
-        except UnicodeDecodeError:
-            out[name] = {"$bytes": base64.b64encode(value).decode("ascii")}
-    return orjson.dumps(out).decode("utf-8")
 
 
 def entry_id(raw: Any) -> str:

@@ -1,0 +1,204 @@
+"""Decoded attributes: a device model's IO mapping turns raw IO elements into named values.
+
+Pure and fast: a :class:`ModelMapping` compiles each element into a small decoder once,
+so decoding a record is one dictionary walk. The rules (docs/directus.md):
+
+- a signed element is read as two's complement of its byte size (1, 2, 4 or 8 bytes);
+- an enum label from ``values`` wins over the number (labels are keyed by the signed,
+  unscaled value, e.g. Dallas temperature ``3000`` is ``not_connected``, not 300.0 °C);
+- otherwise the value is ``raw × multiplier + offset``, kept an exact ``int`` when both are
+  integral (64-bit ICCIDs stay exact), else a float rounded to the multiplier's decimals;
+- ``values = "ascii"`` decodes text (VIN), ``values = "hex"`` gives lowercase hex, and raw
+  bytes arriving for a numeric element are hex as well;
+- IO ids the mapping does not know are kept raw under their id (bytes as hex).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Final, Literal
+
+IoValue = int | bytes
+Attribute = int | float | str
+Decoder = Callable[[IoValue], Attribute]
+Encoding = Literal["number", "ascii", "hex"]
+
+TEXT_ENCODINGS: Final = frozenset({"ascii", "hex"})
+VARIABLE: Final = -1
+
+
+@dataclass(frozen=True, slots=True)
+class IoElement:
+    """One row of ``io_mappings``: how to read one IO id of one device model."""
+
+    io_id: int
+    name: str
+    bytes: int = 1
+    signed: bool = False
+    multiplier: float | Decimal = 1
+    offset: float | Decimal = 0
+    unit: str | None = None
+    labels: Mapping[int, str] = field(default_factory=dict)
+    encoding: Encoding = "number"
+
+    @classmethod
+    def from_row(
+        cls,
+        io_id: int,
+        name: str,
+        *,
+        size: int,
+        signed: bool,
+        multiplier: float | Decimal,
+        offset: float | Decimal,
+        unit: str | None,
+        values: object,
+    ) -> IoElement:
+        """Build from an ``io_mappings`` row (``values``: enum object, "ascii", "hex" or null)."""
+        labels, encoding = parse_values(values)
+        return cls(io_id, name, size, signed, multiplier, offset, unit, labels, encoding)
+
+    def values_json(self) -> dict[str, str] | str | None:
+        """The ``values`` column for this element (inverse of :func:`parse_values`)."""
+        if self.encoding != "number":
+            return self.encoding
+        if self.labels:
+            return {str(key): label for key, label in sorted(self.labels.items())}
+        return None
+
+
+def parse_values(values: object) -> tuple[dict[int, str], Encoding]:
+    """Split a ``values`` JSON value into enum labels and an encoding; raise on junk."""
+    if values is None or values == {}:
+        return {}, "number"
+    if isinstance(values, str) and values in TEXT_ENCODINGS:
+        return {}, values  # type: ignore[return-value]
+    if isinstance(values, Mapping):
+        try:
+            return {int(key): str(label) for key, label in values.items()}, "number"
+        except ValueError as exc:
+            raise ValueError(f"enum label keys must be integers: {values!r}") from exc
+    raise ValueError(f"values must be an object of labels, 'ascii', 'hex' or null: {values!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMapping:
+    """A device model's IO mapping, compiled; ``version`` identifies its exact content."""
+
+    model: str
+    elements: Mapping[int, IoElement]
+    version: int
+    decoders: Mapping[int, tuple[str, Decoder | None]]
+
+    @classmethod
+    def build(cls, model: str, elements: Iterable[IoElement]) -> ModelMapping:
+        """Compile the elements of one model (a later duplicate io_id wins)."""
+        by_id = {element.io_id: element for element in elements}
+        decoders = {io_id: (el.name, compile_decoder(el)) for io_id, el in by_id.items()}
+        return cls(model, by_id, mapping_version(by_id.values()), decoders)
+
+
+def mapping_version(elements: Iterable[IoElement]) -> int:
+    """A stable positive 31-bit id of a mapping's content (same rows → same number)."""
+    digest = hashlib.sha256()
+    for el in sorted(elements, key=lambda item: item.io_id):
+        row = (el.io_id, el.name, el.bytes, el.signed, str(el.multiplier), str(el.offset))
+        digest.update(repr((*row, el.unit, sorted(el.labels.items()), el.encoding)).encode())
+    return int.from_bytes(digest.digest()[:4], "big") & 0x7FFF_FFFF
+
+
+def decode_attributes(io: Mapping[int, IoValue], mapping: ModelMapping) -> dict[str, object]:
+    """Turn one record's raw IO elements into named attributes with ``mapping``."""
+    out: dict[str, object] = {}
+    decoders = mapping.decoders
+    for io_id, value in io.items():
+        entry = decoders.get(io_id)
+        if entry is None:
+            out[str(io_id)] = value.hex() if type(value) is bytes else value
+            continue
+        name, decode = entry
+        # ``None`` is the identity decoder: most elements are plain unsigned counters.
+        if decode is None:
+            out[name] = value.hex() if type(value) is bytes else value
+        else:
+            out[name] = decode(value)
+    return out
+
+
+def compile_decoder(element: IoElement) -> Decoder | None:
+    """The function decoding one element's raw value, or ``None`` when it is the identity."""
+    if element.encoding == "ascii":
+        return _ascii_decoder(element.bytes)
+    if element.encoding == "hex":
+        return _hex_decoder(element.bytes)
+    return _number_decoder(element)
+
+
+def _as_bytes(value: IoValue, size: int) -> bytes:
+    if type(value) is bytes:
+        return value
+    assert isinstance(value, int)
+    length = size if size > 0 else max(1, (value.bit_length() + 7) // 8)
+    return value.to_bytes(length, "big")
+
+
+def _ascii_decoder(size: int) -> Decoder:
+    def decode(value: IoValue) -> str:
+        # Devices pad fixed-size text with NULs; anything not ASCII is shown, not dropped.
+        return _as_bytes(value, size).rstrip(b"\x00").decode("ascii", errors="replace")
+
+    return decode
+
+
+def _hex_decoder(size: int) -> Decoder:
+    def decode(value: IoValue) -> str:
+        return _as_bytes(value, size).hex()
+
+    return decode
+
+
+def _number_decoder(element: IoElement) -> Decoder | None:
+    bits = element.bytes * 8 if element.signed and element.bytes > 0 else 0
+    labels = dict(element.labels)
+    scale = _scaler(element.multiplier, element.offset)
+    if not bits and not labels and scale is None:
+        return None
+    half, full = (1 << (bits - 1), 1 << bits) if bits else (0, 0)
+
+    def decode(value: IoValue) -> Attribute:
+        if type(value) is bytes:
+            return value.hex()
+        assert isinstance(value, int)
+        if bits and value >= half:
+            value -= full
+        if labels:
+            label = labels.get(value)
+            if label is not None:
+                return label
+        return value if scale is None else scale(value)
+
+    return decode
+
+
+def _scaler(
+    multiplier: float | Decimal, offset: float | Decimal
+) -> Callable[[int], int | float] | None:
+    m, o = Decimal(str(multiplier)), Decimal(str(offset))
+    if m == 1 and o == 0:
+        return None
+    if m == m.to_integral_value() and o == o.to_integral_value():
+        im, io = int(m), int(o)
+        return lambda value: value * im + io
+    # Round to the decimals the multiplier and offset carry, so 12850 × 0.001 is 12.85,
+    # not 12.850000000000001; the float product is within one ulp of the exact value.
+    places = max(-_exponent(m), -_exponent(o), 0)
+    fm, fo = float(m), float(o)
+    return lambda value: round(value * fm + fo, places)
+
+
+def _exponent(number: Decimal) -> int:
+    exponent = number.normalize().as_tuple().exponent
+    return exponent if isinstance(exponent, int) else 0

@@ -1,0 +1,54 @@
+"""Dead letters: rejected entries in the dead-letter format of the stream contract."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from processor.core.contract import MAX_DELIVERIES
+from processor.core.records import Rejection
+
+Fields = dict[bytes, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One rejected entry, in the dead-letter format of the stream contract."""
+
+    source_id: str
+    reason: str
+    detail: str
+    fields: Fields
+
+    def to_fields(self, failed_at_ms: int) -> dict[str, str]:
+        """The dead-letter stream entry: original fields kept, undecodable bytes as base64."""
+        return {
+            "source_id": self.source_id,
+            "reason": self.reason,
+            "detail": self.detail,
+            "fields": _fields_json(self.fields),
+            "failed_at": str(failed_at_ms),
+        }
+
+    @classmethod
+    def from_rejection(cls, source_id: str, rejection: Rejection, fields: Fields) -> DeadLetter:
+        return cls(source_id, rejection.reason, rejection.detail, fields)
+
+    @classmethod
+    def exhausted(cls, source_id: str, deliveries: int, fields: Fields) -> DeadLetter:
+        detail = f"delivered {deliveries} times without being acknowledged"
+        return cls(source_id, MAX_DELIVERIES, detail, fields)
+
+
+def _fields_json(fields: Fields) -> str:
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        name = key.decode("utf-8", "backslashreplace")
+        try:
+            out[name] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            out[name] = {"$bytes": base64.b64encode(value).decode("ascii")}
+    return orjson.dumps(out).decode("utf-8")
