@@ -36,7 +36,7 @@ class IoElement:
 
     io_id: int
     name: str
-    bytes: int = 1
+    size: int = 1  # the ``bytes`` column: 1, 2, 4, 8 or -1 (variable)
     signed: bool = False
     multiplier: float | Decimal = 1
     offset: float | Decimal = 0
@@ -105,7 +105,7 @@ def mapping_version(elements: Iterable[IoElement]) -> int:
     """A stable positive 31-bit id of a mapping's content (same rows → same number)."""
     digest = hashlib.sha256()
     for el in sorted(elements, key=lambda item: item.io_id):
-        row = (el.io_id, el.name, el.bytes, el.signed, str(el.multiplier), str(el.offset))
+        row = (el.io_id, el.name, el.size, el.signed, str(el.multiplier), str(el.offset))
         digest.update(repr((*row, el.unit, sorted(el.labels.items()), el.encoding)).encode())
     return int.from_bytes(digest.digest()[:4], "big") & 0x7FFF_FFFF
 
@@ -131,9 +131,9 @@ def decode_attributes(io: Mapping[int, IoValue], mapping: ModelMapping) -> dict[
 def compile_decoder(element: IoElement) -> Decoder | None:
     """The function decoding one element's raw value, or ``None`` when it is the identity."""
     if element.encoding == "ascii":
-        return _ascii_decoder(element.bytes)
+        return _ascii_decoder(element.size)
     if element.encoding == "hex":
-        return _hex_decoder(element.bytes)
+        return _hex_decoder(element.size)
     return _number_decoder(element)
 
 
@@ -161,7 +161,7 @@ def _hex_decoder(size: int) -> Decoder:
 
 
 def _number_decoder(element: IoElement) -> Decoder | None:
-    bits = element.bytes * 8 if element.signed and element.bytes > 0 else 0
+    bits = element.size * 8 if element.signed and element.size > 0 else 0
     labels = dict(element.labels)
     scale = _scaler(element.multiplier, element.offset)
     if not bits and not labels and scale is None:
