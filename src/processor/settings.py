@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     gateway_max_message_bytes: PositiveInt = 65_536
     gateway_max_connections: PositiveInt = 20_000
     gateway_ping_interval_s: PositiveFloat = 20.0
+    gateway_write_limit_bytes: PositiveInt = 262_144
+    gateway_connect_rate_per_s: PositiveFloat = 20.0
+    gateway_connect_burst: PositiveInt = 200
+    gateway_subscribe_rate_per_s: PositiveFloat = 5.0
+    gateway_subscribe_burst: PositiveInt = 20
+    gateway_max_subscriptions: PositiveInt = 16
 
     # Domain events (outbox → webhooks)
     directus_url: AnyUrl | None = None
