@@ -8,8 +8,6 @@ sentinel objects ``{"$bigint": "<decimal>"}`` and ``{"$bytes": "<base64>"}``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -90,13 +88,16 @@ def _decode(
         return Rejection(OUT_OF_RANGE, f"codec {record.codec} is not 8, 16 or 142")
     if len(record.io) > max_io:
         return Rejection(TOO_LARGE, f"{len(record.io)} IO elements, limit {max_io}")
-    if b'"$' in payload:  # no valid payload has '"$' except in a sentinel key
-        failure = _decode_io(record.io)
+    # A sentinel is a JSON object inside ``io``, and an object needs a literal "{" (it
+    # cannot be escaped): beyond the payload's own and io's, each "{" may be one.
+    sentinels = payload.count(b"{") - 2
+    if sentinels > 0:
+        failure = _decode_io(record.io, sentinels)
         if failure is not None:
             return failure
     record.stream_id = stream_id
-    record.imei = imei_text = imei.decode("ascii")
-    record.device_id = int(imei_text)
+    record.imei = imei.decode("ascii")
+    record.device_id = int(imei)
     return record
 
 
@@ -140,31 +141,38 @@ def _as_bytes(
     return out
 
 
-def _decode_io(io: dict[int, Any]) -> Rejection | None:
-    """Replace each sentinel in ``io`` by its value, in place; a rejection if one is bad."""
-    for key in [k for k, v in io.items() if type(v) is _Sentinel]:
-        decoded = _decode_sentinel(key, io[key])
-        if isinstance(decoded, Rejection):
-            return decoded
-        io[key] = decoded
+def _decode_io(io: dict[int, Any], most: int) -> Rejection | None:
+    """Replace each sentinel in ``io`` by its value, in place; a rejection if one is bad.
+
+    ``most`` bounds how many sentinels there can be. Ingestion writes 8-byte and
+    variable-length elements last (Codec 8E order), so the scan runs from the end and
+    stops once that many are found.
+    """
+    for key, value in reversed(io.items()):
+        if type(value) is _Sentinel:
+            decoded = _sentinel_value(key, value)
+            if type(decoded) is Rejection:
+                return decoded
+            io[key] = decoded
+            most -= 1
+            if not most:
+                break
     return None
 
 
-def _decode_sentinel(key: int, sentinel: _Sentinel) -> IoValue | Rejection:
-    if (sentinel.bigint is None) == (sentinel.raw is None):
+def _sentinel_value(key: int, sentinel: _Sentinel) -> IoValue | Rejection:
+    """The value a sentinel stands for ($bytes arrives base64-decoded by msgspec)."""
+    bigint, raw = sentinel.bigint, sentinel.raw
+    if raw is not None and bigint is None:
+        return raw
+    if bigint is None or raw is not None:
         return Rejection(BAD_SENTINEL, f"io {key}: a sentinel has exactly one key")
-    if sentinel.bigint is not None:
-        text = sentinel.bigint
-        if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
-            return Rejection(BAD_SENTINEL, f"io {key}: $bigint is not an unsigned decimal")
-        value = int(text)
-        if value > MAX_U64:
-            return Rejection(OUT_OF_RANGE, f"io {key}: $bigint exceeds 64 bits")
-        return value
-    try:
-        return base64.b64decode(sentinel.raw or "", validate=True)
-    except (binascii.Error, ValueError):
-        return Rejection(BAD_SENTINEL, f"io {key}: $bytes is not valid base64")
+    if not (0 < len(bigint) <= 20 and bigint.isascii() and bigint.isdigit()):
+        return Rejection(BAD_SENTINEL, f"io {key}: $bigint is not an unsigned decimal")
+    value = int(bigint)
+    if value > MAX_U64:
+        return Rejection(OUT_OF_RANGE, f"io {key}: $bigint exceeds 64 bits")
+    return value
 
 
 def _classify(message: str) -> Rejection:

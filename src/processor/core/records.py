@@ -21,7 +21,8 @@ class Sentinel(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A contract sentinel object as it arrives; the decoder replaces it with its value."""
 
     bigint: str | None = msgspec.field(default=None, name="$bigint")
-    raw: str | None = msgspec.field(default=None, name="$bytes")
+    # msgspec decodes base64 into bytes itself (strict: padding required, no whitespace).
+    raw: bytes | None = msgspec.field(default=None, name="$bytes")
 
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class Record(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     lat: Annotated[float, Meta(ge=-90.0, le=90.0)]
     lon: Annotated[float, Meta(ge=-180.0, le=180.0)]
     alt: Annotated[int, Meta(ge=-32768, le=32767)]
-    angle: Annotated[int, Meta(ge=0, le=360)]
+    angle: Annotated[int, Meta(ge=0, le=359)]
     sat: U8
     speed: U16
     event_io: U16
