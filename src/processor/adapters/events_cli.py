@@ -83,21 +83,24 @@ def list_command(status: str | None, event_type: str | None, limit: int, as_json
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    columns = (
-        "id",
-        "event_id",
-        "type",
-        "entry_key",
-        "status",
-        "attempts",
-        "occurred_at",
-        "next_attempt_at",
-        "last_error",
-    )
-    table = Table(*columns)
+    """A readable table; event ids and every column are in ``--json``."""
+    table = Table()
+    for column in ("id", "type", "entry_key", "status", "attempts"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("occurred_at")
+    table.add_column("last_error", overflow="fold")
     for row in rows:
         plain = outbox.to_plain(row)
-        table.add_row(*("" if plain[c] is None else str(plain[c]) for c in columns))
+        cells = [
+            plain["id"],
+            plain["type"],
+            plain["entry_key"],
+            plain["status"],
+            plain["attempts"],
+            plain["occurred_at"],
+            plain["last_error"] or "",
+        ]
+        table.add_row(*(str(c) for c in cells))
     Console().print(table)
 
 
