@@ -13,40 +13,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from processor.core.deadletter import DeadLetter, Fields
+from processor.core.deadletter import (
+    PHASE_CLAIM,
+    PHASE_NEW,
+    PHASE_PENDING,
+    DeadLetter,
+    Delivery,
+    Fields,
+)
 
 __all__ = ["DeadLetter", "Delivery", "Fields", "StreamSource", "entry_id"]
-
-_PHASE_PENDING: Final = "pending"
-_PHASE_CLAIM: Final = "claim"
-_PHASE_NEW: Final = "new"
-
-
-@dataclass(slots=True)
-class Delivery:
-    """A batch of stream entries as read, with the ids to dead-letter unprocessed."""
-
-    entries: list[tuple[str, Fields]]
-    exhausted: list[DeadLetter] = field(default_factory=list)
-    vanished: list[str] = field(default_factory=list)  # pending ids whose entry was trimmed
-    phase: str = _PHASE_NEW
-
-    def empty(self) -> bool:
-        """True when there is nothing to process, dead-letter or acknowledge."""
-        return not (self.entries or self.exhausted or self.vanished)
-
-    def all_ids(self) -> list[str]:
-        """Every id this delivery must eventually acknowledge."""
-        ids = [sid for sid, _ in self.entries]
-        ids.extend(letter.source_id for letter in self.exhausted)
-        ids.extend(self.vanished)
-        return ids
 
 
 def entry_id(raw: Any) -> str:
@@ -79,7 +60,7 @@ class StreamSource:
         self._claim_idle_ms = claim_idle_ms
         self._count = count
         self._block_ms = block_ms
-        self._phase = _PHASE_PENDING
+        self._phase = PHASE_PENDING
         self._pending_cursor = "0-0"
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
@@ -94,16 +75,29 @@ class StreamSource:
 
     def restart_pending(self) -> None:
         """Read own pending entries again from the start (after a reconnect)."""
-        self._phase = _PHASE_PENDING
+        self._phase = PHASE_PENDING
         self._pending_cursor = "0-0"
 
     async def read(self) -> Delivery:
-        """The next batch: own pending first, then idle entries claimed, then new ones."""
-        if self._phase == _PHASE_PENDING:
+        """The next batch: own pending first, then idle entries claimed, then new ones.
+
+        A group that vanished (Redis restarted without persistence) is created again.
+        """
+        try:
+            return await self._read()
+        except ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise
+            await self.ensure_group()
+            self.restart_pending()
+            return Delivery([], phase=PHASE_PENDING)
+
+    async def _read(self) -> Delivery:
+        if self._phase == PHASE_PENDING:
             delivery = await self._read_pending()
             if not delivery.empty():
                 return delivery
-            self._phase = _PHASE_NEW
+            self._phase = PHASE_NEW
         now = time.monotonic()
         if now >= self._next_claim:
             delivery = await self._claim_idle()
@@ -118,10 +112,9 @@ class StreamSource:
         )
         entries, vanished = _entries(response)
         if not entries and not vanished:
-            return Delivery([], phase=_PHASE_PENDING)
-        self._pending_cursor = max((sid for sid, _ in entries), default="0-0", key=_id_key)
-        self._pending_cursor = max(self._pending_cursor, *vanished, key=_id_key)
-        delivery = await self._split_exhausted(entries, _PHASE_PENDING)
+            return Delivery([], phase=PHASE_PENDING)
+        self._pending_cursor = max([sid for sid, _ in entries] + vanished, key=_id_key)
+        delivery = await self._split_exhausted(entries, PHASE_PENDING)
         delivery.vanished = vanished
         return delivery
 
@@ -139,8 +132,8 @@ class StreamSource:
         entries = [(entry_id(i), f) for i, f in claimed if f]
         # Redis 7 drops deleted entries from the PEL itself and lists them in response[2].
         if not entries:
-            return Delivery([], phase=_PHASE_CLAIM)
-        return await self._split_exhausted(entries, _PHASE_CLAIM)
+            return Delivery([], phase=PHASE_CLAIM)
+        return await self._split_exhausted(entries, PHASE_CLAIM)
 
     async def _read_new(self) -> Delivery:
         response = await self._redis.xreadgroup(
@@ -151,7 +144,7 @@ class StreamSource:
             block=self._block_ms,
         )
         entries, vanished = _entries(response)
-        return Delivery(entries, vanished=vanished, phase=_PHASE_NEW)
+        return Delivery(entries, vanished=vanished, phase=PHASE_NEW)
 
     async def _split_exhausted(self, entries: list[tuple[str, Fields]], phase: str) -> Delivery:
         """Set apart entries already delivered more than ``max_deliveries`` times."""

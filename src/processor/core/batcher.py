@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from processor.core.deadletter import DeadLetter
+from processor.core.deadletter import DeadLetter, Fields
 from processor.core.records import Record
 
 
@@ -18,6 +18,7 @@ class Batch:
     records: list[Record] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
+    sources: list[Fields] = field(default_factory=list)  # the entry fields of each record
     opened_at: float = 0.0
 
     def __len__(self) -> int:
@@ -33,7 +34,12 @@ class Batcher:
         self._batch = Batch()
 
     def add(
-        self, ids: list[str], records: list[Record], dead: list[DeadLetter], now: float
+        self,
+        ids: list[str],
+        records: list[Record],
+        dead: list[DeadLetter],
+        now: float,
+        sources: list[Fields] | None = None,
     ) -> Batch | None:
         """Add one delivery's outcome; return the batch if it is now full."""
         if not ids:
@@ -43,6 +49,8 @@ class Batcher:
         self._batch.ids.extend(ids)
         self._batch.records.extend(records)
         self._batch.dead.extend(dead)
+        if sources is not None:
+            self._batch.sources.extend(sources)
         if len(self._batch.ids) >= self.max_size:
             return self.take()
         return None

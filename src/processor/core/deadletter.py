@@ -1,10 +1,10 @@
-"""Dead letters: rejected entries in the dead-letter format of the stream contract."""
+"""Stream entries as read (deliveries) and rejected ones (dead letters, contract format)."""
 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 import orjson
 
@@ -12,6 +12,10 @@ from processor.core.contract import MAX_DELIVERIES
 from processor.core.records import Rejection
 
 Fields = dict[bytes, bytes]
+
+PHASE_PENDING: Final = "pending"  # this consumer's own unacknowledged entries
+PHASE_CLAIM: Final = "claim"  # entries claimed from idle (dead) consumers
+PHASE_NEW: Final = "new"  # entries never delivered before
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +56,24 @@ def _fields_json(fields: Fields) -> str:
         except UnicodeDecodeError:
             out[name] = {"$bytes": base64.b64encode(value).decode("ascii")}
     return orjson.dumps(out).decode("utf-8")
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A batch of stream entries as read, with the ids to dead-letter unprocessed."""
+
+    entries: list[tuple[str, Fields]]
+    exhausted: list[DeadLetter] = field(default_factory=list)
+    vanished: list[str] = field(default_factory=list)  # pending ids whose entry was trimmed
+    phase: str = PHASE_NEW
+
+    def empty(self) -> bool:
+        """True when there is nothing to process, dead-letter or acknowledge."""
+        return not (self.entries or self.exhausted or self.vanished)
+
+    def all_ids(self) -> list[str]:
+        """Every id this delivery must eventually acknowledge."""
+        ids = [sid for sid, _ in self.entries]
+        ids.extend(letter.source_id for letter in self.exhausted)
+        ids.extend(self.vanished)
+        return ids

@@ -1,0 +1,284 @@
+"""The throughput pipeline: read → decode → batch → store → post-commit work → acknowledge.
+
+Two tasks joined by a bounded queue: the reader decodes and batches the next entries while
+the writer stores the previous batch, and when the writer falls behind the full queue
+stops the reader (backpressure instead of memory growth, rule 8). An entry is acknowledged
+only after everything it produced is committed (rule 4); transient failures are retried
+with backoff without acknowledging, and nothing stops the loop (rule 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from processor.core import metrics
+from processor.core.batcher import Batch, Batcher
+from processor.core.contract import decode_entry
+from processor.core.deadletter import PHASE_NEW, DeadLetter, Delivery, Fields
+from processor.core.records import Record, Rejection
+from processor.core.retry import Backoff, retrying
+from processor.core.state import DeviceStates
+from processor.logs import get_logger
+
+log = get_logger("pipeline")
+
+T = TypeVar("T")
+
+STORAGE_REJECTED = "storage_rejected"
+
+
+class Source(Protocol):
+    """Where entries come from (a consumer group on the record stream)."""
+
+    async def read(self) -> Delivery: ...
+
+    async def settle(self, ids: Sequence[str], dead: Sequence[DeadLetter]) -> None: ...
+
+    def restart_pending(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Where records go; returns the records that were new (not stored before)."""
+
+    async def write(self, records: Sequence[Record]) -> list[Record]: ...
+
+
+CommitHook = Callable[[list[Record]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """The knobs the pipeline needs, taken from the settings."""
+
+    batch_max_size: int = 5_000
+    batch_max_age_s: float = 0.2
+    queue_max_batches: int = 2
+    max_entry_bytes: int = 65_536
+    max_io_elements: int = 512
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 10.0
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    """Running totals, for tools and tests (metrics carry the same numbers)."""
+
+    read: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    batches: int = 0
+    last_commit: float = field(default=0.0)
+
+
+class Pipeline:
+    """Moves entries from a :class:`Source` to a :class:`Sink` until stopped or drained."""
+
+    def __init__(
+        self,
+        source: Source,
+        sink: Sink,
+        config: PipelineConfig,
+        *,
+        states: DeviceStates,
+        transient: Callable[[BaseException], bool],
+        hooks: Sequence[tuple[str, CommitHook]] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.config = config
+        self.states = states
+        self.transient = transient
+        self.hooks = list(hooks)
+        self.clock = clock
+        self.stats = PipelineStats()
+        self._queue: asyncio.Queue[Batch | None] = asyncio.Queue(config.queue_max_batches)
+
+    async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
+        """Run until ``stop`` is set (or, in burst mode, the stream is drained); then flush."""
+        writer = asyncio.create_task(self._write_loop(), name="pipeline-writer")
+        reader = asyncio.create_task(self._read_loop(stop, burst), name="pipeline-reader")
+        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_EXCEPTION)
+        if writer in done and writer.exception() is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            raise writer.exception()  # type: ignore[misc]
+        await reader  # re-raises a reader failure
+        await writer
+
+    # Reading -----------------------------------------------------------------------------
+
+    async def _read_loop(self, stop: asyncio.Event, burst: bool) -> None:
+        batcher = Batcher(self.config.batch_max_size, self.config.batch_max_age_s)
+        try:
+            while not stop.is_set():
+                delivery = await self._read(stop)
+                if delivery is None:
+                    break
+                now = self.clock()
+                if delivery.empty():
+                    await self._put(batcher.take())
+                    if burst and delivery.phase == PHASE_NEW:
+                        break
+                    continue
+                await self._put(self._add(batcher, delivery, now))
+                await self._put(batcher.due(now))
+            await self._put(batcher.take())
+        finally:
+            await self._queue.put(None)
+
+    async def _read(self, stop: asyncio.Event) -> Delivery | None:
+        backoff = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
+        while not stop.is_set():
+            try:
+                delivery = await self.source.read()
+            except Exception as exc:
+                if not self.transient(exc):
+                    raise
+                self._note_retry("redis", exc, backoff)
+                self.source.restart_pending()
+                await _sleep_or_stop(stop, backoff.next_delay())
+                continue
+            metrics.UP.labels("redis").set(1)
+            return delivery
+        return None
+
+    def _add(self, batcher: Batcher, delivery: Delivery, now: float) -> Batch | None:
+        records, dead, sources = self._decode(delivery.entries)
+        dead.extend(delivery.exhausted)
+        self.stats.read += len(delivery.entries)
+        metrics.ENTRIES_READ.labels(delivery.phase).inc(len(delivery.entries))
+        return batcher.add(delivery.all_ids(), records, dead, now, sources)
+
+    def _decode(
+        self, entries: list[tuple[str, Fields]]
+    ) -> tuple[list[Record], list[DeadLetter], list[Fields]]:
+        records: list[Record] = []
+        sources: list[Fields] = []
+        dead: list[DeadLetter] = []
+        limit, io_limit = self.config.max_entry_bytes, self.config.max_io_elements
+        for sid, fields in entries:
+            outcome = decode_entry(sid, fields, max_entry_bytes=limit, max_io_elements=io_limit)
+            if type(outcome) is Rejection:
+                dead.append(DeadLetter.from_rejection(sid, outcome, fields))
+            else:
+                records.append(outcome)  # type: ignore[arg-type]
+                sources.append(fields)
+        return records, dead, sources
+
+    async def _put(self, batch: Batch | None) -> None:
+        if batch is not None:
+            await self._queue.put(batch)
+            metrics.QUEUE_BATCHES.set(self._queue.qsize())
+
+    # Writing -----------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while (batch := await self._queue.get()) is not None:
+            metrics.QUEUE_BATCHES.set(self._queue.qsize())
+            await self._commit(batch)
+
+    async def _commit(self, batch: Batch) -> None:
+        started = self.clock()
+        new = await self._store(batch)
+        for name, hook in self.hooks:
+            await self._run_hook(name, hook, new)
+        await self._with_retry("redis", lambda: self.source.settle(batch.ids, batch.dead))
+        self._account(batch, new, self.clock() - started)
+
+    async def _store(self, batch: Batch) -> list[Record]:
+        try:
+            return await self._with_retry("postgres", lambda: self.sink.write(batch.records))
+        except Exception as exc:
+            if self.transient(exc) or len(batch.records) == 0:
+                raise
+            log.error("batch rejected by storage, isolating", error=repr(exc))
+            return await self._store_one_by_one(batch)
+
+    async def _store_one_by_one(self, batch: Batch) -> list[Record]:
+        """A batch the database refuses: store what it accepts, dead-letter the rest."""
+        new: list[Record] = []
+        for record, fields in zip(batch.records, batch.sources, strict=True):
+            try:
+                new.extend(await self._with_retry("postgres", _writer_of(self.sink, record)))
+            except Exception as exc:
+                if self.transient(exc):
+                    raise
+                detail = f"database refused the record: {type(exc).__name__}: {exc}"[:500]
+                batch.dead.append(DeadLetter(record.stream_id, STORAGE_REJECTED, detail, fields))
+        return new
+
+    async def _run_hook(self, name: str, hook: CommitHook, new: list[Record]) -> None:
+        try:
+            await self._with_retry(name, lambda: hook(new))
+        except Exception:
+            # Derived work is recomputable from stored positions (replay), so a bug there
+            # must not stop the positions path; it is counted and logged loudly.
+            metrics.HOOK_ERRORS.labels(name).inc()
+            log.exception("post-commit work failed", hook=name, records=len(new))
+
+    async def _with_retry(self, dependency: str, action: Callable[[], Awaitable[T]]) -> T:
+        backoff = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
+        result = await retrying(
+            action,
+            transient=self.transient,
+            backoff=backoff,
+            on_retry=lambda exc, delay: self._note_retry(dependency, exc, backoff, delay),
+        )
+        metrics.UP.labels(dependency).set(1)
+        return result
+
+    def _note_retry(
+        self, dependency: str, exc: BaseException, backoff: Backoff, delay: float | None = None
+    ) -> None:
+        metrics.RETRIES.labels(dependency).inc()
+        metrics.UP.labels(dependency).set(0)
+        log.warning(
+            "dependency unavailable, retrying",
+            dependency=dependency,
+            error=f"{type(exc).__name__}: {exc}",
+            attempt=backoff.attempt,
+            delay_s=round(delay, 3) if delay is not None else None,
+        )
+
+    def _account(self, batch: Batch, new: list[Record], seconds: float) -> None:
+        self.states.observe(new)
+        self.stats.batches += 1
+        self.stats.stored += len(new)
+        self.stats.duplicates += len(batch.records) - len(new)
+        self.stats.dead_lettered += len(batch.dead)
+        self.stats.last_commit = self.clock()
+        metrics.RECORDS_WRITTEN.inc(len(new))
+        metrics.DUPLICATES.inc(len(batch.records) - len(new))
+        for letter in batch.dead:
+            metrics.DEAD_LETTERS.labels(letter.reason).inc()
+        metrics.BATCH_SIZE.observe(len(batch))
+        metrics.BATCH_SECONDS.observe(seconds)
+        metrics.STATE_SIZE.set(len(self.states))
+        metrics.STATE_EVICTIONS.set(self.states.evictions)
+        _observe_lag(batch.records)
+
+
+def _writer_of(sink: Sink, record: Record) -> Callable[[], Awaitable[list[Record]]]:
+    return lambda: sink.write([record])
+
+
+def _observe_lag(records: list[Record]) -> None:
+    if not records:
+        return
+    now_ms = time.time() * 1000
+    step = max(1, len(records) // 100)
+    for record in records[::step]:
+        metrics.LAG_SECONDS.observe(max(0.0, now_ms - record.received_at) / 1000)
+    metrics.LAST_LAG.set(max(0.0, now_ms - records[-1].received_at) / 1000)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=delay)
