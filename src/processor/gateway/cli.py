@@ -1,0 +1,51 @@
+"""``processor gateway``: serve live leaderboards over WebSocket and the live page."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import click
+
+from processor.logs import configure_logging, get_logger
+from processor.settings import Settings, SettingsError, load_settings
+
+log = get_logger("gateway.cli")
+
+
+@click.command("gateway")
+@click.option("--host", default=None, help="Address to bind [PROCESSOR_GATEWAY_HOST].")
+@click.option("--port", type=int, default=None, help="Port to bind [PROCESSOR_GATEWAY_PORT].")
+@click.option("--redis-url", default=None, help="Redis URL [PROCESSOR_REDIS_URL].")
+@click.option("--live-prefix", default=None, help="Live key prefix [PROCESSOR_LIVE_PREFIX].")
+def gateway(
+    host: str | None, port: int | None, redis_url: str | None, live_prefix: str | None
+) -> None:
+    """Serve live leaderboards over WebSocket (/ws) and the live page (/)."""
+    try:
+        settings = load_settings(
+            gateway_host=host, gateway_port=port, redis_url=redis_url, live_prefix=live_prefix
+        )
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    configure_logging(settings.log_format, settings.log_level)
+    asyncio.run(_main(settings))
+
+
+async def _main(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT; a second signal exits at once."""
+    from processor.gateway.server import run_gateway
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            os._exit(1)
+        log.info("stopping gateway")
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await run_gateway(settings, stop)

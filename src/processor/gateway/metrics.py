@@ -1,0 +1,24 @@
+"""Prometheus metrics of the gateway (one set per process, served at ``/metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+CONNECTIONS = Gauge("gateway_connections", "Open WebSocket connections.")
+SUBSCRIPTIONS = Gauge("gateway_subscriptions", "Active channel subscriptions.")
+FRAMES_SENT = Counter(
+    "gateway_frames_sent_total", "Frames written to clients.", ["path"]
+)  # path: direct (caught-up clients) or queued (lagging clients)
+COALESCED = Counter("gateway_coalesced_total", "Updates merged into a lagging client's pending.")
+SLOW_DISCONNECTS = Counter(
+    "gateway_slow_disconnects_total", "Clients disconnected for falling too far behind."
+)
+REJECTED = Counter("gateway_rejected_total", "Refused connections or subscriptions.", ["reason"])
+SNAPSHOT_LOADS = Counter("gateway_snapshot_loads_total", "Channel snapshots read from Redis.")
+UPDATES = Counter("gateway_updates_total", "Updates received from the live channel.")
+GAPS = Counter("gateway_sequence_gaps_total", "Sequence gaps that forced a snapshot reload.")
+PUBLISH_DELAY = Histogram(
+    "gateway_publish_delay_seconds",
+    "Publish to fan-out delay, from the update's published_at.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)

@@ -1,0 +1,162 @@
+"""Per-channel live state kept by a gateway instance: apply updates, hand out snapshots.
+
+Pure: no I/O. The hub loads a channel's snapshot from Redis once, then applies every
+update it receives, so a new subscriber gets its snapshot from memory and thousands of
+subscribers cost one Redis read.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from processor.adapters.live import ALERTS_KEPT, TRAIL_POINTS, ChannelKind, channel_kind
+from processor.gateway.protocol import encode
+
+
+@dataclass(frozen=True)
+class Update:
+    """One update as published, with its client frame encoded once for every client."""
+
+    channel: str
+    kind: ChannelKind
+    seq: int
+    published_at: int
+    data: Any
+    frame: bytes
+
+
+def parse_update(channel: str, raw: bytes) -> Update:
+    """Decode a published ``{"seq", "published_at", "data"}`` into an :class:`Update`.
+
+    The client frame reuses the published bytes: only a header is prepended.
+    """
+    body = orjson.loads(raw)
+    header = b'{"type":"update","channel":' + orjson.dumps(channel) + b","
+    return Update(
+        channel=channel,
+        kind=channel_kind(channel),
+        seq=int(body["seq"]),
+        published_at=int(body["published_at"]),
+        data=body["data"],
+        frame=header + raw.lstrip()[1:],
+    )
+
+
+def snapshot_frame(channel: str, seq: int, data: Any) -> bytes:
+    """The ``snapshot`` frame a subscriber receives first."""
+    return encode({"type": "snapshot", "channel": channel, "seq": seq, "data": data})
+
+
+class ChannelState:
+    """The latest state of one channel and the sequence number it includes."""
+
+    def __init__(self, channel: str, seq: int = 0) -> None:
+        self.channel = channel
+        self.kind = channel_kind(channel)
+        self.seq = seq
+        self._frame: bytes | None = None
+
+    def apply(self, update: Update) -> None:
+        """Fold an update (already checked to be the next in sequence) into the state."""
+        self.seq = update.seq
+        self._frame = None
+        self._apply(update.data)
+
+    def snapshot(self) -> bytes:
+        """The snapshot frame for the current state (cached until the next update)."""
+        if self._frame is None:
+            self._frame = snapshot_frame(self.channel, self.seq, self.data())
+        return self._frame
+
+    def data(self) -> Any:
+        """The snapshot's ``data`` object."""
+        raise NotImplementedError
+
+    def _apply(self, data: Any) -> None:
+        raise NotImplementedError
+
+
+class ReplaceState(ChannelState):
+    """Leaderboard, standings, course, catalog: each update is the whole state."""
+
+    def __init__(self, channel: str, seq: int = 0, data: Any = None) -> None:
+        super().__init__(channel, seq)
+        self._data = data if data is not None else _empty(self.kind)
+
+    def data(self) -> Any:
+        """The latest published state, or the kind's empty state."""
+        return self._data
+
+    def _apply(self, data: Any) -> None:
+        self._data = data
+
+
+class PositionsState(ChannelState):
+    """Latest position per entry number, each with a short trail of recent points."""
+
+    def __init__(self, channel: str, seq: int = 0, entries: list[dict[str, Any]] | None = None):
+        super().__init__(channel, seq)
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._trails: dict[str, deque[list[float]]] = {}
+        for row in entries or []:
+            number = str(row["number"])
+            self._trails[number] = deque(row.pop("trail", []) or [], maxlen=TRAIL_POINTS)
+            self._entries[number] = row
+
+    def data(self) -> Any:
+        """``{"entries": [row + "trail"]}`` ordered by entry number."""
+        return {
+            "entries": [
+                {**row, "trail": list(self._trails.get(number, ()))}
+                for number, row in sorted(self._entries.items(), key=_number_order)
+            ]
+        }
+
+    def _apply(self, data: Any) -> None:
+        for row in data.get("entries", []):
+            number = str(row["number"])
+            self._entries[number] = row
+            trail = self._trails.setdefault(number, deque(maxlen=TRAIL_POINTS))
+            trail.append([row["lon"], row["lat"]])
+
+
+class AlertsState(ChannelState):
+    """The most recent alerts, oldest first."""
+
+    def __init__(self, channel: str, seq: int = 0, alerts: list[Any] | None = None) -> None:
+        super().__init__(channel, seq)
+        self._alerts: deque[Any] = deque(alerts or [], maxlen=ALERTS_KEPT)
+
+    def data(self) -> Any:
+        """``{"alerts": [row, ...]}``."""
+        return {"alerts": list(self._alerts)}
+
+    def _apply(self, data: Any) -> None:
+        self._alerts.append(data)
+
+
+def _number_order(item: tuple[str, Any]) -> tuple[int, str]:
+    number = item[0]
+    return (int(number), number) if number.isdigit() else (1 << 62, number)
+
+
+def _empty(kind: ChannelKind) -> Any:
+    if kind is ChannelKind.COURSE:
+        return {"course": None}
+    if kind is ChannelKind.CATALOG:
+        return {"events": []}
+    return {"rows": []}
+
+
+def new_state(channel: str, seq: int, stored: Any) -> ChannelState:
+    """Build a channel's state from what its snapshot key held (None when absent)."""
+    kind = channel_kind(channel)
+    if kind is ChannelKind.POSITIONS:
+        return PositionsState(channel, seq, stored or [])
+    if kind is ChannelKind.ALERTS:
+        return AlertsState(channel, seq, stored or [])
+    return ReplaceState(channel, seq, stored)
