@@ -29,15 +29,13 @@ async def open_tiny_client(gateway: Gateway) -> ClientConnection:
     return await connect(ws_url(gateway), sock=sock, compression=None, max_queue=1)
 
 
-async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
-    raw = await asyncio.wait_for(ws.recv(), timeout)
+async def recv_json(ws: ClientConnection, wait_s: float = 5.0) -> dict[str, Any]:
+    raw = await asyncio.wait_for(ws.recv(), wait_s)
     message: dict[str, Any] = orjson.loads(raw)
     return message
 
 
-async def subscribe(
-    ws: ClientConnection, channel: str, token: str | None = None
-) -> dict[str, Any]:
+async def subscribe(ws: ClientConnection, channel: str, token: str | None = None) -> dict[str, Any]:
     """Subscribe and return the first answer (a snapshot or an error)."""
     request: dict[str, Any] = {"type": "subscribe", "channel": channel}
     if token is not None:

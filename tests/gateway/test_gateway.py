@@ -141,8 +141,7 @@ async def test_client_that_never_reads_is_disconnected_without_delaying_a_fast_o
         latencies, seqs, coalesced = await asyncio.wait_for(reader, 30)
     await _wait_for(lambda: gateway.stats.slow_disconnects == 1)
     with pytest.raises(ConnectionClosed):
-        while True:  # whatever reached its buffers, then the end of the connection
-            await asyncio.wait_for(slow.recv(), 10)
+        await _read_forever(slow)  # whatever reached its buffers, then the end
     assert seqs == list(range(1, 201))
     assert not coalesced, "the fast client must never have been treated as lagging"
     p50, worst = statistics.median(latencies), max(latencies)
@@ -226,7 +225,8 @@ async def test_oversized_client_message_closes_the_connection(
         await ws.send("x" * 2_000)
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 5)
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1009
 
 
 async def test_sequence_gap_sends_a_fresh_snapshot(
@@ -250,7 +250,8 @@ async def test_page_and_static_files_are_served_over_http(start_gateway: Gateway
         script = await http.get("/static/app.js")
         health = await http.get("/healthz")
         escape = await http.get("/static/../server.py")
-    assert page.status_code == 200 and "<title>" in page.text
+    assert page.status_code == 200
+    assert "<title>" in page.text
     assert script.headers["content-type"].startswith("text/javascript")
     assert health.json()["status"] == "ok"
     assert escape.status_code == 404
@@ -261,7 +262,7 @@ async def _collect(ws: ClientConnection, count: int) -> tuple[list[float], list[
     seqs: list[int] = []
     coalesced = False
     while len(seqs) < count:
-        message = await recv_json(ws, timeout=10)
+        message = await recv_json(ws, wait_s=10)
         latencies.append(time.time() * 1000 - message["published_at"])
         seqs.append(message["seq"])
         coalesced |= bool(message.get("coalesced"))
@@ -271,12 +272,17 @@ async def _collect(ws: ClientConnection, count: int) -> tuple[list[float], list[
 async def _read_until_seq(ws: ClientConnection, seq: int) -> list[dict[str, Any]]:
     received: list[dict[str, Any]] = []
     while not received or received[-1]["seq"] < seq:
-        received.append(await recv_json(ws, timeout=10))
+        received.append(await recv_json(ws, wait_s=10))
     return received
 
 
-async def _wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+async def _read_forever(ws: ClientConnection) -> None:
+    while True:
+        await asyncio.wait_for(ws.recv(), 10)
+
+
+async def _wait_for(condition: Any, wait_s: float = 10.0) -> None:
+    deadline = time.monotonic() + wait_s
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
