@@ -9,11 +9,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from processor import __version__
+
+if TYPE_CHECKING:
+    from processor.settings import Settings
 
 # name -> "module:attribute" of a click command or group.
 COMMANDS: dict[str, str] = {
@@ -74,13 +77,32 @@ class LazyGroup(click.Group):
 
 def _available(name: str) -> bool:
     module_name = COMMANDS[name].split(":")[0]
-    return importlib.util.find_spec(module_name) is not None
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ModuleNotFoundError:  # its parent package does not exist (yet)
+        return False
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="processor")
 def cli() -> None:
     """Race telemetry processor: stream → positions, timing, results, alerts, live."""
+
+
+def settings_or_exit(**overrides: Any) -> Settings:
+    """The settings from the environment plus CLI overrides; on error, the message and exit 2.
+
+    Every command calls this first, so an invalid configuration stops it with the
+    variables named on stderr (no traceback), exit status 2 as for a usage error.
+    """
+    # Imported here, not at the top: pydantic would slow down `processor --help`.
+    from processor.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        click.echo(f"processor: {exc}", err=True)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> Any:
