@@ -1,0 +1,367 @@
+"""The analytics export: a second consumer group on the record stream, written to Parquet.
+
+The exporter reads through its own consumer group (``settings.export_group``, default
+``analytics``) with the same :class:`StreamSource` and the same contract decoder as the
+processor, so the processor is untouched. Entries delivered since the last
+acknowledgement form one *batch*; a batch is flushed when it holds ``export_max_rows``
+rows or is ``export_max_age_s`` old: its rows are written per UTC day as
+``date=YYYY-MM-DD/part-<first id>.parquet`` (temporary name, fsync, rename, directory
+fsync) and only then are its entries acknowledged, in the same MULTI/EXEC as its dead
+letters. Exactly-once output rests on three rules (argued in docs/export.md):
+
+1. a batch is acknowledged as a whole, so the consumer's pending list is always whole
+   batches, and at most one batch is written-but-unacknowledged (flushes are sequential);
+2. on start the first batch takes in *all* own pending entries before it may flush, so a
+   re-delivered batch is a superset of the crashed one with the same first id;
+3. a batch's files replace every earlier file of the same name (and same-named files in
+   days it no longer covers are removed);
+4. on start, any other file named after a still-pending entry (a batch written but never
+   acknowledged, e.g. by a consumer of another name) is deleted: its entries are pending
+   and will be exported again.
+
+Writing runs in a worker thread while the next batch is read and decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import pyarrow as pa
+import redis.asyncio as aioredis
+import structlog
+from prometheus_client import Counter, Histogram
+from redis.exceptions import RedisError
+
+from processor.adapters.redis_stream import DeadLetter, Delivery, StreamSource, entry_id
+from processor.core.contract import decode_entry
+from processor.core.records import Record
+from processor.logs import get_logger
+from processor.settings import Settings
+from processor.tools.export_files import Dataset, data_files, first_id_of
+from processor.tools.export_schema import SCHEMA, records_to_batch, split_by_day
+
+_PHASE_PENDING: Final = "pending"  # Delivery.phase of this consumer's own pending entries
+_PHASE_CLAIM: Final = "claim"
+
+ROWS = Counter("processor_export_rows_total", "Rows written to Parquet and acknowledged")
+REJECTED = Counter(
+    "processor_export_rejected_total",
+    "Entries the export sent to the dead-letter stream",
+    ["reason"],
+)
+FILES = Counter("processor_export_files_total", "Parquet files renamed into place")
+FLUSH_SECONDS = Histogram(
+    "processor_export_flush_seconds",
+    "Time to write, sync, rename and acknowledge one batch",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def _log() -> structlog.typing.FilteringBoundLogger:
+    # Resolved at use, not import: a logger bound before configure_logging ignores its level.
+    return get_logger("export")
+
+
+class ExportError(Exception):
+    """The export cannot go on: the stream is unreachable or the dataset not writable."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportLimits:
+    """When a batch is flushed, and how entries are decoded."""
+
+    max_rows: int
+    max_age_s: float
+    max_entry_bytes: int = 65_536
+    max_io_elements: int = 512
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ExportLimits:
+        return cls(
+            max_rows=settings.export_max_rows,
+            max_age_s=settings.export_max_age_s,
+            max_entry_bytes=settings.max_entry_bytes,
+            max_io_elements=settings.max_io_elements,
+        )
+
+
+@dataclass(slots=True)
+class ExportStats:
+    """What one run did; times are ``time.perf_counter()`` values (0.0 when not reached)."""
+
+    rows: int = 0
+    rejected: int = 0
+    files: int = 0
+    batches: int = 0
+    first_read_at: float = 0.0
+    last_rename_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Batch:
+    """Entries delivered since the last acknowledgement: Arrow chunks, ids, dead letters."""
+
+    started: float
+    chunks: list[pa.RecordBatch] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    rows: int = 0
+    first_id: str | None = None
+
+    def add(self, delivery: Delivery, limits: ExportLimits) -> None:
+        """Decode ``delivery`` into this batch; rejections become dead letters."""
+        entries = delivery.entries
+        if delivery.phase == _PHASE_CLAIM:  # never take an entry twice into one file
+            known = set(self.ids)
+            entries = [(sid, fields) for sid, fields in entries if sid not in known]
+        records: list[Record] = []
+        for sid, fields in entries:
+            decoded = decode_entry(
+                sid,
+                fields,
+                max_entry_bytes=limits.max_entry_bytes,
+                max_io_elements=limits.max_io_elements,
+            )
+            if type(decoded) is Record:
+                records.append(decoded)
+            else:
+                self.dead.append(DeadLetter.from_rejection(sid, decoded, fields))  # type: ignore[arg-type]
+        self.dead.extend(delivery.exhausted)
+        self.ids.extend(sid for sid, _ in entries)
+        self.ids.extend(letter.source_id for letter in delivery.exhausted)
+        self.ids.extend(delivery.vanished)
+        if records:
+            self.chunks.append(records_to_batch(records))
+            self.rows += len(records)
+        self._track_first(delivery)
+
+    def _track_first(self, delivery: Delivery) -> None:
+        ids = delivery.all_ids()
+        if ids:
+            lowest = min(ids, key=id_key)
+            if self.first_id is None or id_key(lowest) < id_key(self.first_id):
+                self.first_id = lowest
+
+    def empty(self) -> bool:
+        """True when nothing was delivered into this batch."""
+        return not self.ids
+
+    def due(self, limits: ExportLimits, now: float) -> bool:
+        """True when the batch is full or old enough to be flushed."""
+        return self.rows >= limits.max_rows or (
+            not self.empty() and now - self.started >= limits.max_age_s
+        )
+
+    def table(self) -> pa.Table:
+        """The batch's rows as one table of ``SCHEMA``."""
+        return pa.Table.from_batches(self.chunks, schema=SCHEMA)
+
+
+def id_key(stream_id: str) -> tuple[int, int]:
+    """Sort key of a stream entry id ``<ms>-<seq>``."""
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Exporter:
+    """The read → decode → write → acknowledge loop of one export consumer."""
+
+    def __init__(
+        self, source: StreamSource, dataset: Dataset, limits: ExportLimits, *, burst: bool
+    ) -> None:
+        self._source = source
+        self._dataset = dataset
+        self._limits = limits
+        self._burst = burst
+        self._stop = asyncio.Event()
+        self._inflight: asyncio.Task[None] | None = None
+        self.stats = ExportStats()
+
+    def stop(self) -> None:
+        """Stop reading; the current batch is flushed and acknowledged before run returns."""
+        self._stop.set()
+
+    async def run(self) -> ExportStats:
+        """Export until stopped (or, in burst mode, until the stream is drained)."""
+        batch = Batch(time.monotonic())
+        recovering = True  # own pending entries are re-read first and all join one batch
+        try:
+            while not self._stop.is_set():
+                delivery = await self._source.read()
+                if not self.stats.first_read_at:
+                    self.stats.first_read_at = time.perf_counter()
+                recovering = recovering and delivery.phase == _PHASE_PENDING
+                if not delivery.empty():
+                    batch.add(delivery, self._limits)
+                elif self._burst and not recovering:
+                    break
+                if not recovering and batch.due(self._limits, time.monotonic()):
+                    batch = await self._start_flush(batch)
+            if not batch.empty():
+                await self._start_flush(batch)
+        finally:
+            await self._wait_inflight()
+        return self.stats
+
+    async def _start_flush(self, batch: Batch) -> Batch:
+        """Hand ``batch`` to the writer (after the previous flush is done); a fresh batch."""
+        await self._wait_inflight()
+        self._inflight = asyncio.create_task(self._flush(batch))
+        return Batch(time.monotonic())
+
+    async def _wait_inflight(self) -> None:
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            await task
+
+    async def _flush(self, batch: Batch) -> None:
+        """Write the batch's files durably, then dead-letter and acknowledge its entries."""
+        assert batch.first_id is not None  # a non-empty batch always has one
+        started = time.perf_counter()
+        written = await asyncio.to_thread(self._write, batch.first_id, batch.table())
+        self.stats.last_rename_at = time.perf_counter()
+        await self._source.settle(batch.ids, batch.dead)
+        self._account(batch, len(written))
+        FLUSH_SECONDS.observe(time.perf_counter() - started)
+        _log().debug("batch exported", first_id=batch.first_id, rows=batch.rows, files=len(written))
+
+    def _write(self, first_id: str, table: pa.Table) -> list[Path]:
+        return self._dataset.write_batch(first_id, split_by_day(table))
+
+    def _account(self, batch: Batch, files: int) -> None:
+        ROWS.inc(batch.rows)
+        FILES.inc(files)
+        for letter in batch.dead:
+            REJECTED.labels(letter.reason).inc()
+        self.stats.rows += batch.rows
+        self.stats.rejected += len(batch.dead)
+        self.stats.files += files
+        self.stats.batches += 1
+
+
+def claim_idle_ms(settings: Settings) -> int:
+    """How long an entry must be idle before XAUTOCLAIM takes it.
+
+    Entries wait in our own batch up to ``export_max_age_s`` before they are written and
+    acknowledged; they must never look idle to our own XAUTOCLAIM meanwhile.
+    """
+    return max(settings.claim_idle_ms, int(settings.export_max_age_s * 2_000) + 10_000)
+
+
+def consumer_for(settings: Settings, dataset: Dataset, explicit: str | None) -> str:
+    """The consumer name: ``--consumer``, else ``PROCESSOR_CONSUMER`` if set, else the
+    name kept in the dataset directory (stable across restarts)."""
+    if explicit:
+        return explicit
+    if "consumer" in settings.model_fields_set:
+        return settings.consumer
+    return dataset.consumer_name()
+
+
+async def run_export(
+    settings: Settings,
+    out: Path,
+    *,
+    burst: bool = False,
+    consumer: str | None = None,
+    handle_signals: bool = True,
+) -> ExportStats:
+    """Run the exporter into ``out`` until SIGTERM/SIGINT (or the stream is drained)."""
+    client = aioredis.Redis.from_url(settings.redis_dsn())
+    try:
+        with Dataset(out) as dataset:
+            name = consumer_for(settings, dataset, consumer)
+            source = StreamSource(
+                client,
+                stream=settings.stream,
+                group=settings.export_group,
+                consumer=name,
+                dead_letter_stream=settings.dead_letter_stream,
+                max_deliveries=settings.max_deliveries,
+                claim_idle_ms=claim_idle_ms(settings),
+                count=settings.read_count,
+                block_ms=1 if burst else settings.read_block_ms,
+            )
+            exporter = Exporter(source, dataset, ExportLimits.from_settings(settings), burst=burst)
+            await source.ensure_group()
+            await discard_uncommitted(client, source, dataset)
+            _log().info("export started", stream=settings.stream, consumer=name, out=str(out))
+            with _signals(exporter) if handle_signals else contextlib.nullcontext():
+                stats = await exporter.run()
+            _log().info(
+                "export stopped", rows=stats.rows, rejected=stats.rejected, files=stats.files
+            )
+            return stats
+    except RedisError as exc:
+        raise ExportError(f"stream {settings.stream!r}: {exc}") from exc
+    finally:
+        await client.aclose()
+
+
+async def discard_uncommitted(
+    client: aioredis.Redis, source: StreamSource, dataset: Dataset
+) -> list[Path]:
+    """Delete files of batches never acknowledged, except the one the first batch replaces.
+
+    A file is committed exactly when the entry it is named after is acknowledged. The
+    file named after this consumer's first pending entry is left in place: the first
+    batch re-reads all own pending entries, gets that same name and replaces it.
+    """
+    summary = await client.xpending(source.stream, source.group)
+    if not summary["pending"]:
+        return []
+    low, high = id_key(entry_id(summary["min"])), id_key(entry_id(summary["max"]))
+    named = [(first_id_of(path), path) for path in data_files(dataset.root)]
+    candidates = [(fid, p) for fid, p in named if fid and low <= id_key(fid) <= high]
+    if not candidates:
+        return []
+    own = await client.xpending_range(
+        source.stream, source.group, min="-", max="+", count=1, consumername=source.consumer
+    )
+    own_first = entry_id(own[0]["message_id"]) if own else None
+    names = {fid for fid, _ in candidates if fid != own_first}
+    uncommitted = {fid for fid in names if await _pending(client, source, fid)}
+    stale = [path for fid, path in candidates if fid in uncommitted]
+    if stale:
+        _log().warning("discarding unacknowledged files", files=[str(p) for p in stale])
+        dataset.discard(stale)
+    return stale
+
+
+async def _pending(client: aioredis.Redis, source: StreamSource, stream_id: str) -> bool:
+    rows = await client.xpending_range(
+        source.stream, source.group, min=stream_id, max=stream_id, count=1
+    )
+    return bool(rows)
+
+
+@contextlib.contextmanager
+def _signals(exporter: Exporter) -> Iterator[None]:
+    """First SIGTERM/SIGINT: flush and stop. Second: exit now (pending entries are redone)."""
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def handle(signum: int) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            _log().warning("second signal, exiting without flushing", signal=signum)
+            os._exit(128 + signum)
+        _log().info("stopping: flushing the current batch", signal=signum)
+        exporter.stop()
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, handle, signum)
+    try:
+        yield
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,182 @@
+"""The export's dataset directory: day partitions, atomic file replacement, one writer.
+
+Layout: ``DIR/date=YYYY-MM-DD/part-<first stream id>.parquet``. A batch's files are
+written under a temporary name, fsynced, renamed over any earlier file of the same name
+and their directories fsynced; only then may the caller acknowledge the batch. Writing a
+batch also removes files of the same name in days the batch no longer covers, so after a
+re-delivered batch is written the dataset holds exactly its rows under its name.
+``DIR/.lock`` (flock) keeps a second exporter out of the same directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final, TextIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PARTITION_PREFIX: Final = "date="
+FILE_PREFIX: Final = "part-"
+FILE_SUFFIX: Final = ".parquet"
+TMP_SUFFIX: Final = ".tmp"
+LOCK_NAME: Final = ".lock"
+CONSUMER_NAME: Final = "_consumer"
+COMPRESSION: Final = "zstd"
+
+
+class DatasetError(Exception):
+    """The dataset directory cannot be used or written (disk, permissions, lock)."""
+
+
+def file_name(first_id: str) -> str:
+    """The name of a batch's files: ``part-<first stream id>.parquet``."""
+    return f"{FILE_PREFIX}{first_id}{FILE_SUFFIX}"
+
+
+def first_id_of(path: Path) -> str | None:
+    """The first stream id a data file is named after, or None for any other file."""
+    name = path.name
+    if not (name.startswith(FILE_PREFIX) and name.endswith(FILE_SUFFIX)):
+        return None
+    return name[len(FILE_PREFIX) : -len(FILE_SUFFIX)]
+
+
+def data_files(root: Path) -> list[Path]:
+    """Every finished Parquet file of the dataset, in a stable order."""
+    return sorted(root.glob(f"{PARTITION_PREFIX}*/{FILE_PREFIX}*{FILE_SUFFIX}"))
+
+
+def temp_files(root: Path) -> list[Path]:
+    """Files left half-written by an interrupted exporter."""
+    return sorted(root.glob(f"{PARTITION_PREFIX}*/.*{TMP_SUFFIX}"))
+
+
+class Dataset:
+    """The one writer of a dataset directory (hold it with ``with Dataset(root) as ds``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock: TextIO | None = None
+
+    def __enter__(self) -> Dataset:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Create the directory, take the writer lock, remove leftover temporary files."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock = (self.root / LOCK_NAME).open("a", encoding="utf-8")
+        except OSError as exc:
+            raise DatasetError(f"cannot open {self.root}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            lock.close()
+            raise DatasetError(f"{self.root} is being written by another exporter") from exc
+        self._lock = lock
+        for leftover in temp_files(self.root):  # ours: nobody else holds the lock
+            leftover.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the writer lock."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def consumer_name(self) -> str:
+        """This dataset's consumer name in the group, created once and kept in the directory.
+
+        A stable name is what lets a restarted exporter re-read its own pending entries
+        first (and so rewrite an unacknowledged batch under the same file name).
+        """
+        path = self.root / CONSUMER_NAME
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            name = f"export-{socket.gethostname()}-{secrets.token_hex(3)}"
+            _write_durably(path, name.encode("utf-8"))
+            return name
+        except OSError as exc:
+            raise DatasetError(f"cannot read {path}: {exc.strerror}") from exc
+
+    def write_batch(self, first_id: str, tables: dict[str, pa.Table]) -> list[Path]:
+        """Durably write one batch's day tables as ``date=<day>/part-<first_id>.parquet``.
+
+        Returns the paths written. When this returns, every file is renamed into place and
+        its directory entry is on disk, and no other day holds a file of this name.
+        """
+        name = file_name(first_id)
+        try:
+            written = [self._write_file(day, name, table) for day, table in tables.items()]
+            self._remove_stale(name, {path.parent for path in written})
+        except OSError as exc:
+            raise DatasetError(f"cannot write batch {name}: {exc.strerror or exc}") from exc
+        return written
+
+    def discard(self, paths: list[Path]) -> None:
+        """Delete data files durably (files of batches that were never acknowledged)."""
+        try:
+            for path in paths:
+                path.unlink(missing_ok=True)
+                _fsync_dir(path.parent)
+        except OSError as exc:
+            raise DatasetError(f"cannot remove {path}: {exc.strerror}") from exc
+
+    def _write_file(self, day: str, name: str, table: pa.Table) -> Path:
+        directory = self.root / f"{PARTITION_PREFIX}{day}"
+        if not directory.is_dir():
+            directory.mkdir(exist_ok=True)
+            _fsync_dir(self.root)
+        final = directory / name
+        temp = directory / f".{name}{TMP_SUFFIX}"
+        pq.write_table(table, temp, compression=COMPRESSION)
+        _fsync_path(temp)
+        temp.replace(final)
+        _fsync_dir(directory)
+        return final
+
+    def _remove_stale(self, name: str, keep: set[Path]) -> None:
+        for directory in self._partitions():
+            if directory in keep:
+                continue
+            stale = directory / name
+            if stale.exists():
+                stale.unlink()
+                _fsync_dir(directory)
+
+    def _partitions(self) -> Iterator[Path]:
+        return (p for p in self.root.glob(f"{PARTITION_PREFIX}*") if p.is_dir())
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    temp.write_bytes(data)
+    _fsync_path(temp)
+    temp.replace(path)
+    _fsync_dir(path.parent)

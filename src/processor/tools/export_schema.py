@@ -1,0 +1,103 @@
+"""The Parquet schema of the analytics export and the build of its columns from records.
+
+Pure: records in, Arrow tables out. Columns are built from the records a chunk at a
+time (one transposition of tuples, then one ``pa.array`` per column), never row by row
+through dicts, because the export runs at stream speed. The raw IO map becomes one JSON
+text per row: IO ids as keys, integers as JSON numbers (64-bit values exact), bytes as
+lowercase hex strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from processor.core.records import IoValue, Record
+
+DAY_MS: Final = 86_400_000
+
+SCHEMA: Final = pa.schema(
+    [
+        pa.field("imei", pa.string(), nullable=False),
+        pa.field("device_id", pa.int64(), nullable=False),
+        pa.field("ts", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("received_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("lat", pa.float64(), nullable=False),
+        pa.field("lon", pa.float64(), nullable=False),
+        pa.field("alt", pa.int32(), nullable=False),
+        pa.field("angle", pa.int16(), nullable=False),
+        pa.field("sat", pa.int16(), nullable=False),
+        pa.field("speed", pa.int32(), nullable=False),
+        pa.field("priority", pa.int8(), nullable=False),
+        pa.field("event_io", pa.int32(), nullable=False),
+        pa.field("codec", pa.int16(), nullable=False),
+        pa.field("generation", pa.int16(), nullable=True),
+        pa.field("stream_id", pa.string(), nullable=False),
+        pa.field("io", pa.string(), nullable=False),
+    ]
+)
+
+# Where each output column sits in ``msgspec.structs.astuple(record)``; looked up by name
+# so a reordering of Record's fields cannot silently swap columns.
+_RECORD_INDEX: Final = {name: i for i, name in enumerate(Record.__struct_fields__)}
+_SCALAR_COLUMNS: Final = tuple(
+    (field.name, _RECORD_INDEX[field.name], field.type) for field in SCHEMA if field.name != "io"
+)
+_IO_INDEX: Final = _RECORD_INDEX["io"]
+
+
+def _io_default(value: Any) -> str:
+    """JSON form of what orjson cannot encode itself: IO bytes become hex text."""
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"unexpected IO value of type {type(value).__name__}")
+
+
+_IO_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
+
+
+def io_json(io: dict[int, IoValue]) -> bytes:
+    """The IO map as JSON text: ``{"78": 18446744073709551615, "256": "5756..."}``."""
+    return orjson.dumps(io, default=_io_default, option=_IO_OPTIONS)
+
+
+def records_to_batch(records: Sequence[Record]) -> pa.RecordBatch:
+    """One Arrow record batch of ``SCHEMA`` holding ``records`` in order."""
+    if not records:
+        return _empty_batch()
+    rows = list(map(msgspec.structs.astuple, records))
+    columns = list(zip(*rows, strict=True))
+    arrays: dict[str, pa.Array] = {
+        name: pa.array(columns[index], type=type_) for name, index, type_ in _SCALAR_COLUMNS
+    }
+    arrays["io"] = pa.array([io_json(io) for io in columns[_IO_INDEX]], type=pa.string())
+    return pa.RecordBatch.from_arrays([arrays[f.name] for f in SCHEMA], schema=SCHEMA)
+
+
+def _empty_batch() -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([], schema=SCHEMA)
+
+
+def day_label(day: int) -> str:
+    """``YYYY-MM-DD`` of the UTC day number ``day`` (days since 1970-01-01)."""
+    return datetime.fromtimestamp(day * DAY_MS / 1000, tz=UTC).strftime("%Y-%m-%d")
+
+
+def split_by_day(table: pa.Table) -> dict[str, pa.Table]:
+    """The rows of ``table`` grouped by the UTC day of ``ts``, keyed ``YYYY-MM-DD``."""
+    if table.num_rows == 0:
+        return {}
+    days = pc.divide(table.column("ts").cast(pa.int64()), DAY_MS)
+    low, high = pc.min_max(days).values()
+    if low.as_py() == high.as_py():  # the usual case: one live day, no copy
+        return {day_label(low.as_py()): table}
+    return {
+        day_label(day): table.filter(pc.equal(days, day))
+        for day in sorted(pc.unique(days).to_pylist())
+    }
