@@ -8,8 +8,9 @@ import signal
 
 import click
 
+from processor.cli import settings_or_exit
 from processor.logs import configure_logging, get_logger
-from processor.settings import Settings, SettingsError, load_settings
+from processor.settings import Settings
 
 log = get_logger("gateway.cli")
 
@@ -23,12 +24,9 @@ def gateway(
     host: str | None, port: int | None, redis_url: str | None, live_prefix: str | None
 ) -> None:
     """Serve live leaderboards over WebSocket (/ws) and the live page (/)."""
-    try:
-        settings = load_settings(
-            gateway_host=host, gateway_port=port, redis_url=redis_url, live_prefix=live_prefix
-        )
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from exc
+    settings = settings_or_exit(
+        gateway_host=host, gateway_port=port, redis_url=redis_url, live_prefix=live_prefix
+    )
     configure_logging(settings.log_format, settings.log_level)
     asyncio.run(_main(settings))
 
