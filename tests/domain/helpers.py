@@ -126,3 +126,21 @@ def straight(
         t += step_ms
         y += speed_m_s * step_ms / 1000
     return out
+
+
+def track(
+    ys: list[float], step_ms: int, *, t_from: int = 0, x: float = 0.0, **kw: Any
+) -> list[Position]:
+    """Fixes at (x, y) for each y, ``step_ms`` apart."""
+    return [fix(x, y, t_from + i * step_ms, **kw) for i, y in enumerate(ys)]
+
+
+def ms(t_ms: int) -> int:
+    """An absolute time ``t_ms`` after T0."""
+    return T0 + t_ms
+
+
+STANDARD = [
+    gate("start", "Start", -50, 0, 50, 0),
+    gate("finish", "Finish", -50, 1000, 50, 1000),
+]
