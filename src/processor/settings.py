@@ -9,13 +9,15 @@ secrets out of the environment and out of process listings.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AnyUrl, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 ENV_PREFIX = "PROCESSOR_"
 
@@ -97,7 +99,8 @@ class Settings(BaseSettings):
     live_prefix: str = "live"
     gateway_host: str = "127.0.0.1"
     gateway_port: Annotated[int, Field(ge=0, le=65535)] = 8765
-    gateway_allowed_origins: tuple[str, ...] = ()
+    # NoDecode: a comma-separated list, split by the validator below, not JSON.
+    gateway_allowed_origins: Annotated[tuple[str, ...], NoDecode] = ()
     gateway_alerts_token: SecretStr | None = None
     gateway_client_queue: PositiveInt = 64
     gateway_max_message_bytes: PositiveInt = 65_536
@@ -165,6 +168,13 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{variable}: {error['msg']}{shown}"
 
 
+def _describe_source(exc: SourceError) -> str:
+    """Name the variable behind a pydantic-settings parse error (its message names the field)."""
+    match = re.search(r'field "(\w+)"', str(exc))
+    variable = f"{ENV_PREFIX}{match.group(1).upper()}" if match else "settings"
+    return f"{variable}: cannot parse the value (JSON expected for this setting)"
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings from the environment (and ``.env``), plus explicit overrides.
 
@@ -175,6 +185,8 @@ def load_settings(**overrides: Any) -> Settings:
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return Settings(**values)
+    except SourceError as exc:  # a value pydantic-settings could not parse (JSON fields)
+        raise SettingsError(f"invalid configuration:\n  {_describe_source(exc)}") from exc
     except ValidationError as exc:
         lines = [_describe(err) for err in exc.errors()]
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from exc
