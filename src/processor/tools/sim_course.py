@@ -231,8 +231,12 @@ def _place(
     rng: random.Random, items: Sequence[tuple[str, float]], lo: float, hi: float
 ) -> list[tuple[str, float, float]]:
     """Spread items (kind, length) over ``lo``..``hi`` in random order, gaps >= FEATURE_GAP_M."""
-    order = list(items)
+    order = [item for item in items if item[0] != "split"]
     rng.shuffle(order)
+    splits = [item for item in items if item[0] == "split"]
+    for k, item in enumerate(splits, start=1):
+        # Splits go at even ranks so that they divide the stage roughly evenly.
+        order.insert(round(k * (len(order) + k) / (len(splits) + 1)), item)
     slack = (hi - lo) - sum(length for _, length in order) - FEATURE_GAP_M * (len(order) - 1)
     if slack < 0:
         raise CourseError("the stage is too short for its geofences")
