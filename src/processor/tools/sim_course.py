@@ -338,7 +338,7 @@ def course_file(course: Course) -> dict[str, Any]:
         for e in course.entries
     ]
     starts = [
-        {"stage": course.stage_name, "entry": e.number, "scheduled_at": iso_ms(e.start_ms)}
+        {"stage": course.stage_name, "entry_number": e.number, "scheduled_at": iso_ms(e.start_ms)}
         for e in course.entries
     ]
     return {
@@ -543,7 +543,7 @@ def _file_entries(
 ) -> list[EntrySpec]:
     """Entries with an IMEI, their scheduled start on the stage or one by one after opening."""
     scheduled = {
-        st["entry"]: parse_iso_ms(st["scheduled_at"])
+        st.get("entry_number", st.get("entry")): parse_iso_ms(st["scheduled_at"])
         for st in data.get("start_times", [])
         if st.get("stage") in (stage["name"], stage.get("sequence"), stage.get("id"))
     }
