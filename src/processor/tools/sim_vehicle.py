@@ -214,6 +214,7 @@ class Vehicle:
         self.brake2 = 2 * self.klass.decel_ms2
         self.lon_per_m = _DEG_PER_M / math.cos(math.radians(course.plane.lat0))
         self.records = 0
+        self.last_recv = 0
         self.vin_sentinel = {"$bytes": base64.b64encode(self.tracker.vin).decode("ascii")}
         self.io_template = self._template()
         self.stops = self._planned_stops()
@@ -492,7 +493,10 @@ class Vehicle:
             self._count("gaps")
             self.backlog.append(record)
             return []
-        out = [(t + 250 + int(rnd() * 1550), record)]
+        # One TCP connection per tracker: live records arrive in the order they were logged.
+        recv = max(t + 250 + int(rnd() * 1550), self.last_recv + 5)
+        self.last_recv = recv
+        out = [(recv, record)]
         if self.backlog:
             out += self._backlog(t)
         dup_rate = self.dup_rate
