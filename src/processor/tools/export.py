@@ -144,11 +144,17 @@ class Batch:
         self._track_first(delivery)
 
     def _track_first(self, delivery: Delivery) -> None:
-        ids = delivery.all_ids()
-        if ids:
-            lowest = min(ids, key=id_key)
-            if self.first_id is None or id_key(lowest) < id_key(self.first_id):
-                self.first_id = lowest
+        # Each list of a delivery is in stream order, so its head is its lowest id.
+        heads: list[str] = []
+        if delivery.entries:
+            heads.append(delivery.entries[0][0])
+        if delivery.exhausted:
+            heads.append(delivery.exhausted[0].source_id)
+        if delivery.vanished:
+            heads.append(delivery.vanished[0])
+        for head in heads:
+            if self.first_id is None or id_key(head) < id_key(self.first_id):
+                self.first_id = head
 
     def empty(self) -> bool:
         """True when nothing was delivered into this batch."""
@@ -193,23 +199,30 @@ class Exporter:
         """Export until stopped (or, in burst mode, until the stream is drained)."""
         batch = Batch(time.monotonic())
         recovering = True  # own pending entries are re-read first and all join one batch
+        reading: asyncio.Task[Delivery] | None = self._read_next()
         try:
-            while not self._stop.is_set():
-                delivery = await self._source.read()
+            while reading is not None:
+                delivery = await reading
                 if not self.stats.first_read_at:
                     self.stats.first_read_at = time.perf_counter()
                 recovering = recovering and delivery.phase == _PHASE_PENDING
+                drained = self._burst and delivery.empty() and not recovering
+                # Read ahead: Redis serves the next batch while this one is decoded.
+                reading = None if drained or self._stop.is_set() else self._read_next()
                 if not delivery.empty():
                     batch.add(delivery, self._limits)
-                elif self._burst and not recovering:
-                    break
-                if not recovering and batch.due(self._limits, time.monotonic()):
+                if reading and not recovering and batch.due(self._limits, time.monotonic()):
                     batch = await self._start_flush(batch)
             if not batch.empty():
                 await self._start_flush(batch)
         finally:
+            if reading is not None:
+                reading.cancel()  # entries it had read stay pending and are read again
             await self._wait_inflight()
         return self.stats
+
+    def _read_next(self) -> asyncio.Task[Delivery]:
+        return asyncio.create_task(self._source.read())
 
     async def _start_flush(self, batch: Batch) -> Batch:
         """Hand ``batch`` to the writer (after the previous flush is done); a fresh batch."""

@@ -1,0 +1,143 @@
+"""Analytics export throughput, beside pyarrow writing the same rows prebuilt in memory.
+
+Run: ``python -m benchmarks.export_bench [--count N] [--max-rows R]`` with Redis at
+``PROCESSOR_REDIS_URL`` (default 127.0.0.1:6379). The entries are pre-loaded into a
+stream of their own; the export runs in burst mode and is timed from its first read to
+its last file renamed (XREADGROUP, decode, Arrow columns, Parquet zstd, fsync, rename,
+XACK all included). The same-run references write the very same rows, decoded
+beforehand, with the same batch boundaries, compression and fsync+rename:
+
+- ``pyarrow write (tables prebuilt)``: Arrow tables already built, only Parquet writing;
+- ``pyarrow write (column lists prebuilt)``: Python column lists → Arrow → Parquet.
+
+Targets: ≥ 100,000 records/s and ≥ 0.5 of the prebuilt-tables ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import redis
+
+from benchmarks.common import make_entries, print_table
+from processor.core.contract import decode_entry
+from processor.core.records import Record
+from processor.settings import Settings, load_settings
+from processor.tools.export import run_export
+from processor.tools.export_files import Dataset
+from processor.tools.export_schema import SCHEMA, io_json, records_to_batch, split_by_day
+
+TARGET_RATE = 100_000
+TARGET_RATIO = 0.5
+REDIS_URL = os.environ.get("PROCESSOR_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def load_stream(client: redis.Redis, stream: str, entries: list[dict[bytes, bytes]]) -> None:
+    """XADD every entry (pipelined, not timed)."""
+    for start in range(0, len(entries), 10_000):
+        pipe = client.pipeline(transaction=False)
+        for fields in entries[start : start + 10_000]:
+            pipe.xadd(stream, fields)  # type: ignore[arg-type]
+        pipe.execute()
+
+
+def export_rate(settings: Settings, out: Path, count: int) -> tuple[float, int]:
+    """Records/s of one burst export, first read to last rename; and files written."""
+    stats = asyncio.run(run_export(settings, out, burst=True, handle_signals=False))
+    assert stats.rows == count, f"exported {stats.rows} of {count}"
+    return count / (stats.last_rename_at - stats.first_read_at), stats.files
+
+
+def prebuilt_records(entries: list[dict[bytes, bytes]]) -> list[Record]:
+    records = [decode_entry(f"{1 + i}-0", e) for i, e in enumerate(entries)]
+    assert all(type(r) is Record for r in records)
+    return records  # type: ignore[return-value]
+
+
+def write_tables(out: Path, tables: list[pa.Table]) -> None:
+    with Dataset(out) as dataset:
+        for n, table in enumerate(tables):
+            dataset.write_batch(f"{n + 1}-0", split_by_day(table))
+
+
+def column_lists(records: list[Record]) -> list[dict[str, list[object]]]:
+    """Per-batch Python column lists (what a row-less exporter would hold)."""
+    names = [f.name for f in SCHEMA]
+    cols: dict[str, list[object]] = {name: [] for name in names}
+    for r in records:
+        for name in names:
+            cols[name].append(io_json(r.io) if name == "io" else getattr(r, name))
+    return [cols]
+
+
+def reference_rates(records: list[Record], max_rows: int, out: Path) -> tuple[float, float]:
+    """Records/s of pyarrow writing prebuilt tables, and prebuilt column lists."""
+    chunks = [records[i : i + max_rows] for i in range(0, len(records), max_rows)]
+    tables = [pa.Table.from_batches([records_to_batch(c)]) for c in chunks]
+    start = time.perf_counter()
+    write_tables(out / "tables", tables)
+    tables_rate = len(records) / (time.perf_counter() - start)
+    lists = [column_lists(c)[0] for c in chunks]
+    start = time.perf_counter()
+    built = [pa.table({f.name: pa.array(c[f.name], type=f.type) for f in SCHEMA}) for c in lists]
+    write_tables(out / "lists", built)
+    lists_rate = len(records) / (time.perf_counter() - start)
+    return tables_rate, lists_rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--max-rows", type=int, default=100_000)
+    parser.add_argument("--devices", type=int, default=1_000)
+    args = parser.parse_args()
+
+    entries = make_entries(args.count, devices=args.devices, sentinels=True)
+    prefix = f"bench:export:{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(REDIS_URL)
+    work = Path(tempfile.mkdtemp(prefix="export-bench-"))
+    try:
+        load_stream(client, f"{prefix}:records", entries)
+        settings = load_settings(
+            redis_url=REDIS_URL,
+            stream=f"{prefix}:records",
+            dead_letter_stream=f"{prefix}:dead",
+            consumer="bench",
+            export_max_rows=args.max_rows,
+            log_level="warning",
+        )
+        rate, files = export_rate(settings, work / "export", args.count)
+        tables_rate, lists_rate = reference_rates(prebuilt_records(entries), args.max_rows, work)
+    finally:
+        client.delete(f"{prefix}:records", f"{prefix}:dead")
+        client.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"{args.count:,} entries, {args.devices:,} devices, batches of {args.max_rows:,} rows,")
+    print(f"zstd, fsync + rename; export wrote {files} files. Same-run references below.")
+    print_table(
+        ["path", "records/s", "export / this"],
+        [
+            ["export (Redis → decode → Parquet → XACK)", rate, 1.0],
+            ["pyarrow write (tables prebuilt)", tables_rate, rate / tables_rate],
+            ["pyarrow write (column lists prebuilt)", lists_rate, rate / lists_rate],
+        ],
+    )
+    ratio = rate / tables_rate
+    print(
+        f"target ≥ {TARGET_RATE:,} records/s: {'met' if rate >= TARGET_RATE else 'NOT met'}"
+        f" ({rate:,.0f}); target ≥ {TARGET_RATIO} of the prebuilt-tables ceiling:"
+        f" {'met' if ratio >= TARGET_RATIO else 'NOT met'} ({ratio:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
