@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processor.core.contract import (
@@ -288,21 +288,25 @@ def assert_total(fields: Any) -> None:
     assert isinstance(result, Record | Rejection)
 
 
+@settings(deadline=None)  # CI machines are shared: no per-example time limit
 @given(st.binary(max_size=2_000))
 def test_any_payload_bytes_give_a_record_or_a_rejection(payload: bytes) -> None:
     assert_total(entry(payload))
 
 
+@settings(deadline=None)
 @given(st.text(max_size=2_000))
 def test_any_payload_text_gives_a_record_or_a_rejection(payload: str) -> None:
     assert_total({"v": "1", "imei": IMEI, "payload": payload})
 
 
+@settings(deadline=None)
 @given(st.dictionaries(field_text, field_text, max_size=5))
 def test_any_fields_give_a_record_or_a_rejection(fields: dict[Any, Any]) -> None:
     assert_total(fields)
 
 
+@settings(deadline=None)
 @given(json_values)
 def test_any_json_payload_is_rejected_by_a_named_check(value: Any) -> None:
     result = decode_entry(STREAM_ID, entry(dumps(value)))
@@ -311,6 +315,7 @@ def test_any_json_payload_is_rejected_by_a_named_check(value: Any) -> None:
         assert not result.detail.startswith("undecodable"), result
 
 
+@settings(deadline=None)
 @given(st.sampled_from(sorted(BASE)), json_values)
 def test_any_value_in_any_key_gives_a_record_or_a_named_rejection(key: str, value: Any) -> None:
     result = decode_entry(STREAM_ID, with_keys(**{key: value}))
@@ -318,6 +323,7 @@ def test_any_value_in_any_key_gives_a_record_or_a_named_rejection(key: str, valu
         assert not result.detail.startswith("undecodable"), result
 
 
+@settings(deadline=None)
 @given(st.dictionaries(st.integers(0, 65535).map(str), json_values, max_size=8))
 def test_any_io_object_gives_a_record_or_a_named_rejection(io: dict[str, Any]) -> None:
     result = decode_entry(STREAM_ID, with_keys(io=io))
@@ -382,12 +388,14 @@ def encode(record: Record) -> dict[bytes, bytes]:
     return {b"v": b"1", b"imei": record.imei.encode(), b"payload": dumps(payload)}
 
 
+@settings(deadline=None)
 @given(records)
 def test_encoded_record_decodes_to_itself(record: Record) -> None:
     record.device_id = int(record.imei)
     assert decode_entry(STREAM_ID, encode(record)) == record
 
 
+@settings(deadline=None)
 @given(st.integers(2**53 + 1, MAX_U64))
 def test_64_bit_values_above_2_53_are_exact(value: int) -> None:
     decoded = decode_entry(STREAM_ID, with_io({"$bigint": str(value)}))
