@@ -231,8 +231,8 @@ async def bootstrap(conn: asyncpg.Connection, schema: DirectusSchema | None = No
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _BOOTSTRAP_LOCK)
         existing = await _existing_tables(conn)
-        for statement in bootstrap_statements(schema, existing):
-            await conn.execute(statement)
+        # One round trip: the statements carry no parameters, so the simple protocol runs them.
+        await conn.execute(";\n".join(bootstrap_statements(schema, existing)))
     return [table for table in schema.tables if table not in existing]
 
 

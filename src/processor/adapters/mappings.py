@@ -1,0 +1,230 @@
+"""The IO mappings of the Directus tables, cached, and the attribute rows they produce.
+
+:class:`MappingCache` loads ``device_models``, ``io_mappings`` and ``devices`` once, then
+polls a fingerprint of them every ``mapping_reload_s`` and reloads when an organiser has
+changed anything, so a corrected mapping applies without a restart. Decoding is
+synchronous and in memory (:meth:`MappingCache.rows`), fit to run inside the positions
+transaction. A device missing from ``devices`` (or without a model) is decoded with
+``default_device_model``; unknown devices are counted and logged once each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import asyncpg
+import orjson
+from prometheus_client import Counter
+
+from processor.core.attributes import IoElement, ModelMapping, decode_attributes
+from processor.core.records import Record
+from processor.logs import get_logger
+from processor.settings import Settings
+
+if TYPE_CHECKING:
+    from processor.service import Runtime
+
+AttributeRow = tuple[int, int, bytes, int]  # device_id, ts ms, attributes JSON, mapping version
+
+UNKNOWN_DEVICE_RECORDS: Final = Counter(
+    "processor_attributes_unknown_device_records",
+    "Records of devices not in the devices table, decoded with the default model.",
+)
+UNKNOWN_DEVICES: Final = Counter(
+    "processor_attributes_unknown_devices",
+    "Devices not in the devices table, counted once each per process.",
+)
+MAPPING_RELOADS: Final = Counter(
+    "processor_attributes_mapping_reloads", "Reloads of the IO mappings after a change."
+)
+MAPPING_RELOAD_ERRORS: Final = Counter(
+    "processor_attributes_mapping_reload_errors", "Failed polls or reloads of the IO mappings."
+)
+
+# One cheap query: a digest of every row the cache depends on (tables of a few thousand
+# rows at most), so inserts, updates and deletes all change it.
+FINGERPRINT_SQL: Final = """
+SELECT md5(
+    coalesce((SELECT string_agg(t::text, '|' ORDER BY t.id) FROM io_mappings t), '') || '#' ||
+    coalesce((SELECT string_agg(t::text, '|' ORDER BY t.id) FROM device_models t), '') || '#' ||
+    coalesce((SELECT string_agg(t.imei || ':' || coalesce(t.device_model::text, ''), '|'
+                                ORDER BY t.id) FROM devices t), '')
+)
+"""
+_MAPPINGS_SQL: Final = """
+SELECT m.model, i.io_id, i.name, i.bytes, i.signed, i.multiplier, i."offset", i.unit,
+       i."values"::text AS "values"
+FROM io_mappings i JOIN device_models m ON m.id = i.device_model
+ORDER BY m.model, i.io_id, i.id
+"""
+_DEVICES_SQL: Final = """
+SELECT d.imei, m.model FROM devices d LEFT JOIN device_models m ON m.id = d.device_model
+"""
+_MAX_LOGGED_UNKNOWN: Final = 100_000
+
+log = get_logger("processor.mappings")
+
+
+@dataclass(frozen=True, slots=True)
+class MappingSet:
+    """One consistent load: mappings by model, and each known device's model (or None)."""
+
+    models: Mapping[str, ModelMapping]
+    devices: Mapping[int, str | None]
+    fingerprint: str
+
+
+@dataclass(slots=True)
+class MappingCache:
+    """Per-model IO mappings and the device → model table, reloaded when they change."""
+
+    default_model: str
+    reload_s: float
+    clock: Callable[[], float] = time.monotonic
+    current: MappingSet = field(default_factory=lambda: MappingSet({}, {}, ""))
+    _checked_at: float = float("-inf")
+    _unknown_logged: set[int] = field(default_factory=set)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MappingCache:
+        """A cache using ``default_device_model`` and ``mapping_reload_s``."""
+        return cls(settings.default_device_model, settings.mapping_reload_s)
+
+    async def load(self, conn: asyncpg.Connection) -> None:
+        """Read the mappings and devices now (one snapshot-consistent transaction)."""
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            fingerprint = await conn.fetchval(FINGERPRINT_SQL)
+            mapping_rows = await conn.fetch(_MAPPINGS_SQL)
+            device_rows = await conn.fetch(_DEVICES_SQL)
+        self.current = build_mapping_set(mapping_rows, device_rows, fingerprint)
+        self._checked_at = self.clock()
+
+    async def refresh(self, conn: asyncpg.Connection, *, force: bool = False) -> bool:
+        """Reload if ``reload_s`` has passed and the tables changed; True when reloaded."""
+        if not force and self.clock() - self._checked_at < self.reload_s:
+            return False
+        self._checked_at = self.clock()
+        if await conn.fetchval(FINGERPRINT_SQL) == self.current.fingerprint:
+            return False
+        await self.load(conn)
+        MAPPING_RELOADS.inc()
+        log.info("io mappings reloaded", models=sorted(self.current.models))
+        return True
+
+    async def run(self, pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+        """Poll for changes every ``reload_s`` until ``stop``; database errors are retried."""
+        while not stop.is_set():
+            try:
+                async with pool.acquire() as conn:
+                    await self.refresh(conn, force=True)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                MAPPING_RELOAD_ERRORS.inc()
+                log.warning("io mapping poll failed", error=f"{type(exc).__name__}: {exc}")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.reload_s)
+            except TimeoutError:
+                continue
+
+    def model_for(self, device_id: int) -> str:
+        """The model of a device (IMEI as integer); the default model when it has none."""
+        devices = self.current.devices
+        if device_id in devices:
+            return devices[device_id] or self.default_model
+        if device_id not in self._unknown_logged:
+            if len(self._unknown_logged) >= _MAX_LOGGED_UNKNOWN:
+                self._unknown_logged.clear()  # bounded memory; a device may be logged again
+            self._unknown_logged.add(device_id)
+            UNKNOWN_DEVICES.inc()
+            log.warning(
+                "unknown device, using default model", imei=device_id, model=self.default_model
+            )
+        return self.default_model
+
+    def mapping(self, model: str) -> ModelMapping:
+        """The compiled mapping of ``model``; an empty one (everything raw) if it has no rows."""
+        found = self.current.models.get(model)
+        return found if found is not None else ModelMapping.build(model, ())
+
+    def rows(self, records: Sequence[Record]) -> list[AttributeRow]:
+        """``position_attributes`` rows for records: (device_id, ts ms, JSON, mapping version)."""
+        out: list[AttributeRow] = []
+        mappings: dict[int, ModelMapping] = {}
+        known = self.current.devices
+        unknown = 0
+        for record in records:
+            device_id = record.device_id
+            mapping = mappings.get(device_id)
+            if mapping is None:
+                mapping = mappings[device_id] = self.mapping(self.model_for(device_id))
+            if device_id not in known:
+                unknown += 1
+            attributes = decode_attributes(record.io, mapping)
+            out.append((device_id, record.ts, attributes_json(attributes), mapping.version))
+        if unknown:
+            UNKNOWN_DEVICE_RECORDS.inc(unknown)
+        return out
+
+
+def build_mapping_set(
+    mapping_rows: Iterable[Mapping[str, object]],
+    device_rows: Iterable[Mapping[str, object]],
+    fingerprint: str,
+) -> MappingSet:
+    """Compile database rows into a :class:`MappingSet` (bad rows are skipped and logged)."""
+    elements: dict[str, list[IoElement]] = {}
+    for row in mapping_rows:
+        model = str(row["model"])
+        try:
+            elements.setdefault(model, []).append(_element(row))
+        except (ValueError, TypeError) as exc:
+            log.error("io mapping row ignored", model=model, io_id=row["io_id"], error=str(exc))
+    models = {model: ModelMapping.build(model, items) for model, items in elements.items()}
+    devices: dict[int, str | None] = {}
+    for row in device_rows:
+        imei = str(row["imei"])
+        if imei.isdigit():
+            devices[int(imei)] = None if row["model"] is None else str(row["model"])
+    return MappingSet(models, devices, fingerprint)
+
+
+def _element(row: Mapping[str, object]) -> IoElement:
+    values = row["values"]
+    return IoElement.from_row(
+        int(row["io_id"]),  # type: ignore[call-overload]
+        str(row["name"]),
+        size=int(row["bytes"]),  # type: ignore[call-overload]
+        signed=bool(row["signed"]),
+        multiplier=row["multiplier"],  # type: ignore[arg-type]
+        offset=row["offset"],  # type: ignore[arg-type]
+        unit=None if row["unit"] is None else str(row["unit"]),
+        values=None if values is None else orjson.loads(str(values)),
+    )
+
+
+def attributes_json(attributes: Mapping[str, object]) -> bytes:
+    """The attributes as JSON; integers beyond 64 bits (a scaled u64) become strings."""
+    try:
+        return orjson.dumps(attributes)
+    except TypeError:
+        safe = {
+            k: str(v) if isinstance(v, int) and not _json_int(v) else v
+            for k, v in attributes.items()
+        }
+        return orjson.dumps(safe)
+
+
+def _json_int(value: int) -> bool:
+    return -(2**63) <= value < 2**64
+
+
+async def install(runtime: Runtime) -> None:
+    """Wire attribute decoding into a running service: load, decode on write, poll changes."""
+    cache = MappingCache.from_settings(runtime.settings)
+    async with runtime.pool.acquire() as conn:
+        await cache.load(conn)
+    runtime.store.attributes = cache.rows
+    runtime.background.append(lambda stop: cache.run(runtime.pool, stop))
