@@ -186,8 +186,7 @@ class Simulation:
         first = min(v.on_ms for v in self.vehicles)
         self._next_ms = first - first % 1000
         self._deliver_ms = self._next_ms
-        self._due: dict[int, list[tuple[int, int, str, bytes]]] = {}
-        self._seq = 0
+        self._due: dict[int, list[Entry]] = {}
         self._entries = 0
 
     # -- clock-driven API -----------------------------------------------------------------
@@ -217,8 +216,9 @@ class Simulation:
         ):
             bucket = self._due.pop(self._deliver_ms // 1000, None)
             if bucket:
+                # Entries order by reception time; ties by device then bytes: deterministic.
                 bucket.sort()
-                out.extend(Entry(recv, imei, payload) for recv, _, imei, payload in bucket)
+                out.extend(bucket)
             self._deliver_ms += 1000
             if self.done:
                 break
@@ -250,22 +250,19 @@ class Simulation:
         waiting = self._waiting
         while waiting and waiting[0].on_ms < second_ms + 1000:
             self._active.append(waiting.pop(0))
-        due, seq, finished = self._due, self._seq, False
+        due, finished = self._due, False
         dumps = orjson.dumps
         for vehicle in self._active:
             imei = vehicle.imei
             for recv, record in vehicle.tick(second_ms):
                 record["received_at"] = recv
-                seq += 1
-                key = recv // 1000
-                item = (recv, seq, imei, dumps(record))
-                bucket = due.get(key)
+                item = Entry(recv, imei, dumps(record))
+                bucket = due.get(recv // 1000)
                 if bucket is None:
-                    due[key] = [item]
+                    due[recv // 1000] = [item]
                 else:
                     bucket.append(item)
             finished = finished or vehicle.done
-        self._seq = seq
         if finished:
             self._active = [v for v in self._active if not v.done]
 
