@@ -42,5 +42,8 @@ def configure_logging(
 
 def get_logger(name: str, **context: Any) -> structlog.typing.FilteringBoundLogger:
     """A logger for a component, with optional context bound up front."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(name)
-    return logger.bind(component=name, **context) if context else logger.bind(component=name)
+    # A lazy proxy: binding now would freeze the logger before configure_logging runs.
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(
+        name, component=name, **context
+    )
+    return logger

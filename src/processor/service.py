@@ -159,6 +159,20 @@ async def build_runtime(settings: Settings, stop: asyncio.Event) -> Runtime:
     return runtime
 
 
+async def _build_with_retry(settings: Settings, stop: asyncio.Event) -> Runtime:
+    """Build the runtime, retrying the whole start when a dependency drops mid-way."""
+    backoff = Backoff(settings.retry_initial_s, settings.retry_max_s)
+    while True:
+        try:
+            return await build_runtime(settings, stop)
+        except Exception as exc:
+            if not errors.is_transient(exc) or stop.is_set():
+                raise
+            delay = backoff.next_delay()
+            log.warning("start interrupted, retrying", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(delay)
+
+
 def components(settings: Settings) -> list[Component]:
     """The optional parts wired into the service, in order."""
     found: list[Component] = []
@@ -214,7 +228,7 @@ async def _partitions_ahead(runtime: Runtime, stop: asyncio.Event) -> None:
 
 async def serve(settings: Settings, stop: asyncio.Event, *, burst: bool = False) -> Pipeline:
     """Run the service until ``stop`` is set (or the stream is drained in burst mode)."""
-    runtime = await build_runtime(settings, stop)
+    runtime = await _build_with_retry(settings, stop)
     pipeline = Pipeline(
         runtime.source,
         runtime.store,

@@ -35,6 +35,28 @@ def entry_id(raw: Any) -> str:
     return raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
 
 
+_SETTLE = """
+local group = ARGV[1]
+local ndead = tonumber(ARGV[2])
+local i = 3
+for _ = 1, ndead do
+  local id = ARGV[i]
+  if #redis.call('XPENDING', KEYS[1], group, id, id, 1) > 0 then
+    redis.call('XADD', KEYS[2], '*', 'source_id', id, 'reason', ARGV[i + 1],
+               'detail', ARGV[i + 2], 'fields', ARGV[i + 3], 'failed_at', ARGV[i + 4])
+  end
+  i = i + 5
+end
+local acked = 0
+while i <= #ARGV do
+  local last = math.min(i + 999, #ARGV)
+  acked = acked + redis.call('XACK', KEYS[1], group, unpack(ARGV, i, last))
+  i = last + 1
+end
+return acked
+"""
+
+
 class StreamSource:
     """Reads one consumer's share of a stream through its consumer group."""
 
@@ -64,6 +86,7 @@ class StreamSource:
         self._pending_cursor = "0-0"
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
+        self._settle = client.register_script(_SETTLE)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) if missing; reading starts at 0."""
@@ -168,14 +191,23 @@ class StreamSource:
         return {entry_id(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     async def settle(self, ids: Sequence[str], dead: Iterable[DeadLetter]) -> None:
-        """Dead-letter ``dead`` and acknowledge ``ids`` (which include them) atomically."""
-        now_ms = int(time.time() * 1000)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for letter in dead:
-                pipe.xadd(self.dead_letter_stream, letter.to_fields(now_ms))  # type: ignore[arg-type]
-            if ids:
-                pipe.xack(self.stream, self.group, *ids)
-            await pipe.execute()
+        """Dead-letter ``dead`` and acknowledge ``ids`` (which include them) atomically.
+
+        A Lua script (atomic in Redis) dead-letters an entry only while it is still
+        pending in the group, so an entry processed twice (claimed from a consumer that
+        was slow rather than dead) is dead-lettered once.
+        """
+        now_ms = str(int(time.time() * 1000))
+        args: list[str | bytes] = [self.group]
+        letters = list(dead)
+        args.append(str(len(letters)))
+        for letter in letters:
+            fields = letter.to_fields(int(now_ms))
+            args.extend(
+                [letter.source_id, fields["reason"], fields["detail"], fields["fields"], now_ms]
+            )
+        args.extend(ids)
+        await self._settle(keys=[self.stream, self.dead_letter_stream], args=args)
 
     async def pending_count(self) -> int:
         """Entries delivered to the group and not yet acknowledged (all consumers)."""
