@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from processor.adapters.directus_schema import bootstrap, check_schema, load_schema
+from processor.adapters.reference import read_io_csv
 from processor.adapters.schema_cli import schema as schema_cli
 
 pytestmark = pytest.mark.integration
@@ -144,6 +145,7 @@ def test_cli_check_names_the_dropped_column_and_exits_1(
     runner = CliRunner()
     result = runner.invoke(schema_cli, ["bootstrap"])
     assert result.exit_code == 0, result.output
+    assert f"{2 * len(read_io_csv())} IO mapping rows added" in result.output
     assert runner.invoke(schema_cli, ["check"]).exit_code == 0
 
     asyncio.run(_sql(scratch_url, "ALTER TABLE timing_records DROP COLUMN confidence"))

@@ -108,22 +108,40 @@ def migrate() -> None:
 @_snapshot_option
 @_keys_option
 @click.option("--print", "print_only", is_flag=True, help="Print the SQL instead of running it.")
-def bootstrap(snapshot: Path, natural_keys: Path, print_only: bool) -> None:
+@click.option(
+    "--seed/--no-seed",
+    default=True,
+    show_default=True,
+    help="Also add the FMB920 and FMC130 IO mappings where missing.",
+)
+def bootstrap(snapshot: Path, natural_keys: Path, print_only: bool, seed: bool) -> None:
     """Create the Directus tables from the snapshot where they are missing (dev, tests, demo).
 
     Existing tables are left alone; the natural-key unique indexes are always ensured, so
     this also completes a database where Directus applied the snapshot.
     """
     from processor.adapters.directus_schema import bootstrap as create
+    from processor.adapters.reference import ReferenceFileError, read_io_csv, seed_io_mappings
 
     directus = schema_or_exit(snapshot, natural_keys)
     if print_only:
         for statement in bootstrap_statements(directus):
             click.echo(f"{statement};")
         return
-    created = run_with_connection(settings_or_exit(), lambda conn: create(conn, directus))
+    try:
+        elements = read_io_csv() if seed else []
+    except ReferenceFileError as exc:
+        fail(str(exc))
+
+    async def run(conn: asyncpg.Connection) -> tuple[list[str], int]:
+        created = await create(conn, directus)
+        return created, (await seed_io_mappings(conn, elements) if seed else 0)
+
+    created, seeded = run_with_connection(settings_or_exit(), run)
     click.echo(f"created {', '.join(created)}" if created else "all Directus tables exist")
     click.echo("natural-key unique indexes ensured")
+    if seed:
+        click.echo(f"{seeded} IO mapping rows added")
 
 
 @schema.command()

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 IoValue = int | bytes
 Attribute = int | float | str
@@ -27,6 +27,13 @@ Decoder = Callable[[IoValue], Attribute]
 Encoding = Literal["number", "ascii", "hex"]
 
 TEXT_ENCODINGS: Final = frozenset({"ascii", "hex"})
+
+# Plan kinds: how decode_attributes treats an element (see compile_plan).
+IDENTITY: Final = 0  # plain unsigned number
+LABELS: Final = 1  # unsigned number with enum labels, no scaling
+DIVIDE: Final = 2  # unsigned number divided by an integer (multiplier 0.1, 0.001, …)
+CALL: Final = 3  # anything else: a compiled decoder function
+Plan = tuple[str, int, Any]
 VARIABLE: Final = -1
 
 
@@ -91,14 +98,14 @@ class ModelMapping:
     model: str
     elements: Mapping[int, IoElement]
     version: int
-    decoders: Mapping[int, tuple[str, Decoder | None]]
+    plans: Mapping[int, Plan]
 
     @classmethod
     def build(cls, model: str, elements: Iterable[IoElement]) -> ModelMapping:
         """Compile the elements of one model (a later duplicate io_id wins)."""
         by_id = {element.io_id: element for element in elements}
-        decoders = {io_id: (el.name, compile_decoder(el)) for io_id, el in by_id.items()}
-        return cls(model, by_id, mapping_version(by_id.values()), decoders)
+        plans = {io_id: compile_plan(el) for io_id, el in by_id.items()}
+        return cls(model, by_id, mapping_version(by_id.values()), plans)
 
 
 def mapping_version(elements: Iterable[IoElement]) -> int:
@@ -113,19 +120,42 @@ def mapping_version(elements: Iterable[IoElement]) -> int:
 def decode_attributes(io: Mapping[int, IoValue], mapping: ModelMapping) -> dict[str, object]:
     """Turn one record's raw IO elements into named attributes with ``mapping``."""
     out: dict[str, object] = {}
-    decoders = mapping.decoders
+    plans = mapping.plans
     for io_id, value in io.items():
-        entry = decoders.get(io_id)
-        if entry is None:
+        plan = plans.get(io_id)
+        if plan is None:
             out[str(io_id)] = value.hex() if type(value) is bytes else value
             continue
-        name, decode = entry
-        # ``None`` is the identity decoder: most elements are plain unsigned counters.
-        if decode is None:
-            out[name] = value.hex() if type(value) is bytes else value
+        name, kind, arg = plan
+        # The common kinds are inlined: a Python call per element would double the cost.
+        if kind == CALL:
+            out[name] = arg(value)
+        elif type(value) is bytes:
+            out[name] = value.hex()
+        elif kind == IDENTITY:
+            out[name] = value
+        elif kind == LABELS:
+            out[name] = arg.get(value, value)
         else:
-            out[name] = decode(value)
+            out[name] = value / arg
     return out
+
+
+def compile_plan(element: IoElement) -> Plan:
+    """How :func:`decode_attributes` decodes one element: (name, kind, argument)."""
+    name = element.name
+    if element.encoding == "number" and not (element.signed and element.size > 0):
+        m, o = Decimal(str(element.multiplier)), Decimal(str(element.offset))
+        if m == 1 and o == 0:
+            return (
+                (name, LABELS, dict(element.labels)) if element.labels else (name, IDENTITY, None)
+            )
+        divisor = 1 / m if m > 0 else Decimal(0)
+        if not element.labels and o == 0 and divisor > 1 and divisor == divisor.to_integral_value():
+            # value / 1000 is the double nearest the exact decimal (12850 → 12.85).
+            return (name, DIVIDE, int(divisor))
+    decoder = compile_decoder(element)
+    return (name, IDENTITY, None) if decoder is None else (name, CALL, decoder)
 
 
 def compile_decoder(element: IoElement) -> Decoder | None:
