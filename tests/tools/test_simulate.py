@@ -29,6 +29,7 @@ from processor.tools.simulate import (
     FaultRates,
     FileSink,
     PositionsCsvSink,
+    RedisSink,
     SimConfig,
     Simulation,
     run,
@@ -406,5 +407,41 @@ def test_cli_writes_every_entry_to_the_redis_stream(stream_prefix: str, redis_ur
         first = client.xrange(stream, count=1)[0][1]
         assert set(first) == {b"v", b"imei", b"payload"}
         assert not isinstance(decode_entry("0-1", first), Rejection)
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+def test_redis_sink_stores_exactly_the_entries_in_order(stream_prefix: str, redis_url: str) -> None:
+    sim = Simulation(SimConfig(start_ms=START_MS, seed=6, vehicles=3, length_km=10))
+    entries = entries_of(sim)
+    stream = f"{stream_prefix}:records"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        RedisSink(client, stream, batch_size=700).write(entries)
+        stored = [fields for _, fields in client.xrange(stream)]
+        expected = [
+            {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in e.fields().items()}
+            for e in entries
+        ]
+        assert stored == expected
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+def test_redis_sink_error_is_raised_and_the_client_stays_usable(
+    stream_prefix: str, redis_url: str
+) -> None:
+    sim = Simulation(SimConfig(start_ms=START_MS, seed=6, vehicles=1, length_km=10))
+    entries = entries_of(sim)[:50]
+    client = redis.Redis.from_url(redis_url, single_connection_client=False)
+    try:
+        client.set(f"{stream_prefix}:not-a-stream", "x")
+        with pytest.raises(redis.ResponseError):
+            RedisSink(client, f"{stream_prefix}:not-a-stream").write(entries)
+        sink = RedisSink(client, f"{stream_prefix}:records", maxlen=1_000)
+        sink.write(entries)
+        assert client.xlen(f"{stream_prefix}:records") == 50
     finally:
         client.close()

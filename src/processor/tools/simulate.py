@@ -423,7 +423,13 @@ class PositionsCsvSink:
 
 
 class RedisSink:
-    """XADD to a stream, pipelined (no transaction) in batches of ``batch_size``."""
+    """XADD to a stream, pipelined (no transaction) in batches of ``batch_size``.
+
+    The commands are packed here as RESP arrays and sent on one of the client's pooled
+    connections, then their replies read back: the same pipeline as ``client.pipeline()``,
+    but redis-py's per-command argument handling costs ~8 µs an entry, more than a third
+    of what the simulator spends making one, and this costs ~2 µs.
+    """
 
     def __init__(
         self,
@@ -433,22 +439,48 @@ class RedisSink:
         batch_size: int = 1_000,
         maxlen: int | None = None,
     ) -> None:
-        self._client = client
-        self._stream = stream
+        self._pool = client.connection_pool
         self._batch_size = batch_size
-        self._maxlen = maxlen
+        self._head = xadd_head(stream, maxlen)
 
     def write(self, entries: Sequence[Entry]) -> None:
         """Append the entries in order, one round trip per batch."""
-        stream, maxlen, size = self._stream, self._maxlen, self._batch_size
-        for lo in range(0, len(entries), size):
-            pipe = self._client.pipeline(transaction=False)
-            for e in entries[lo : lo + size]:
-                pipe.xadd(stream, e.fields(), maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
-            pipe.execute()
+        conn = self._pool.get_connection()
+        try:
+            for lo in range(0, len(entries), self._batch_size):
+                batch = entries[lo : lo + self._batch_size]
+                # redis-py leaves these Connection methods unannotated.
+                conn.send_packed_command([pack_xadds(self._head, batch)])  # type: ignore[no-untyped-call]
+                for _ in batch:
+                    conn.read_response()
+        except BaseException:
+            # Unread replies would be taken for the answers to the next commands.
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            raise
+        finally:
+            self._pool.release(conn)
 
     def close(self) -> None:
         """Nothing is buffered between writes."""
+
+
+def xadd_head(stream: str, maxlen: int | None = None) -> bytes:
+    """RESP of ``XADD stream [MAXLEN ~ n] * v 1 imei``: everything before the IMEI value."""
+    args = [b"XADD", stream.encode()]
+    if maxlen is not None:
+        args += [b"MAXLEN", b"~", str(maxlen).encode()]
+    args += [b"*", b"v", CONTRACT_VERSION.encode(), b"imei"]
+    body = b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+    return b"*%d\r\n%s" % (len(args) + 3, body)
+
+
+def pack_xadds(head: bytes, entries: Iterable[Entry]) -> bytes:
+    """One RESP command per entry: ``head``, the IMEI, then the payload field."""
+    return b"".join(
+        b"%s$%d\r\n%s\r\n$7\r\npayload\r\n$%d\r\n%s\r\n"
+        % (head, len(e.imei), e.imei.encode(), len(e.payload), e.payload)
+        for e in entries
+    )
 
 
 def write_course(course: Course, path: Path) -> None:

@@ -65,7 +65,7 @@ def _rate_options(command: Any) -> Any:
             type=click.FloatRange(0.0, 1.0),
             default=default,
             show_default=True,
-            help=text + ".",
+            help=text[0].upper() + text[1:] + ".",
         )(command)
     return command
 
@@ -193,6 +193,8 @@ def _drive(sim: Simulation, options: dict[str, Any]) -> Summary:
         except KeyboardInterrupt:
             click.echo("simulate: interrupted, stopping", err=True)
             return sim.summary(time.monotonic() - began)
+        except redis.RedisError as exc:
+            raise click.ClickException(f"writing to Redis failed: {exc}") from exc
 
 
 def _open_sinks(stack: ExitStack, options: dict[str, Any]) -> list[Sink]:
