@@ -402,3 +402,18 @@ def test_64_bit_values_above_2_53_are_exact(value: int) -> None:
     assert isinstance(decoded, Record)
     assert decoded.io[78] == value
     assert type(decoded.io[78]) is int
+
+
+def test_device_identity_cache_stays_bounded_and_exact() -> None:
+    from processor.core import contract
+
+    payload = dumps(BASE)
+    for n in range(contract._IMEI_CACHE_SIZE + 10):
+        imei = f"{n:015d}"
+        record = decode_entry(STREAM_ID, entry(payload, imei=imei.encode()))
+        assert isinstance(record, Record)
+        assert (record.imei, record.device_id) == (imei, n)
+    assert len(contract._imeis) <= contract._IMEI_CACHE_SIZE
+    bad = decode_entry(STREAM_ID, entry(payload, imei=b"00000000000001x"))
+    assert isinstance(bad, Rejection)
+    assert bad.reason == BAD_TYPE

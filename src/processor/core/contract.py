@@ -36,6 +36,12 @@ _FIELD_NAME_BYTES: Final = sum(len(name) for name in _FIELDS)
 
 _decoder: Final = msgspec.json.Decoder(Record)
 
+# Valid IMEIs seen recently, with their text and number: a fleet is a few thousand devices
+# sending every second, and a dict hit costs far less than checking and converting the
+# bytes each time. Only valid IMEIs enter it, so a hit also means "already checked".
+_IMEI_CACHE_SIZE: Final = 65_536
+_imeis: dict[bytes, tuple[str, int]] = {}
+
 
 def decode_entry(
     stream_id: str,
@@ -69,8 +75,11 @@ def _decode(
         return Rejection(TOO_LARGE, f"entry is {size} bytes, limit {max_bytes}")
     if version != CONTRACT_VERSION:
         return Rejection(UNSUPPORTED_VERSION, f"contract version {_show(version)} is not 1")
-    if len(imei) != 15 or not imei.isdigit():
-        return Rejection(BAD_TYPE, f"imei must be 15 decimal digits, got {_show(imei)}")
+    identity = _imeis.get(imei)
+    if identity is None:
+        if len(imei) != 15 or not imei.isdigit():
+            return Rejection(BAD_TYPE, f"imei must be 15 decimal digits, got {_show(imei)}")
+        identity = _remember(imei)
     if not payload.isascii():
         try:
             payload.decode("utf-8")
@@ -96,9 +105,16 @@ def _decode(
         if failure is not None:
             return failure
     record.stream_id = stream_id
-    record.imei = imei.decode("ascii")
-    record.device_id = int(imei)
+    record.imei, record.device_id = identity
     return record
+
+
+def _remember(imei: bytes) -> tuple[str, int]:
+    """Cache a valid IMEI's text and number; the cache is emptied when it is full."""
+    if len(_imeis) >= _IMEI_CACHE_SIZE:
+        _imeis.clear()
+    identity = _imeis[imei] = (imei.decode("ascii"), int(imei))
+    return identity
 
 
 def _decode_unusual(
