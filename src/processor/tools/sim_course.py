@@ -542,8 +542,12 @@ def _file_entries(
     data: Mapping[str, Any], stage: Mapping[str, Any], opens_ms: int, interval: int
 ) -> list[EntrySpec]:
     """Entries with an IMEI, their scheduled start on the stage or one by one after opening."""
+    # A database export refers to entries by id; a hand-written file by entry_number.
+    numbers = {e["id"]: e["number"] for e in data["entries"] if "id" in e}
     scheduled = {
-        st.get("entry_number", st.get("entry")): parse_iso_ms(st["scheduled_at"])
+        st["entry_number"] if "entry_number" in st else numbers.get(st["entry"], st["entry"]): (
+            parse_iso_ms(st["scheduled_at"])
+        )
         for st in data.get("start_times", [])
         if st.get("stage") in (stage["name"], stage.get("sequence"), stage.get("id"))
     }
