@@ -162,8 +162,9 @@ async def test_a_redelivered_batch_replaces_the_file_it_wrote_before(
     await aredis.xgroup_setid(settings.stream, settings.export_group, "0")
     await aredis.xreadgroup(settings.export_group, settings.consumer, {settings.stream: ">"})
 
-    await run_export(settings, tmp_path, burst=True, handle_signals=False)
+    stats = await run_export(settings, tmp_path, burst=True, handle_signals=False)
 
+    assert stats.rewritten == len(written) == 3
     assert {p.relative_to(tmp_path) for p in data_files(tmp_path)} == set(written)
     assert all(p.name == file_name(ids[0]) for p in written)
     assert len(read_rows(tmp_path)) == 400

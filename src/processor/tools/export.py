@@ -45,7 +45,7 @@ from processor.core.contract import decode_entry
 from processor.core.records import Record
 from processor.logs import get_logger
 from processor.settings import Settings
-from processor.tools.export_files import Dataset, data_files, first_id_of
+from processor.tools.export_files import Dataset, WrittenBatch, data_files, first_id_of
 from processor.tools.export_schema import SCHEMA, records_to_batch, split_by_day
 
 _PHASE_PENDING: Final = "pending"  # Delivery.phase of this consumer's own pending entries
@@ -101,6 +101,7 @@ class ExportStats:
     rejected: int = 0
     files: int = 0
     batches: int = 0
+    rewritten: int = 0  # files of unacknowledged earlier deliveries replaced or removed
     first_read_at: float = 0.0
     last_rename_at: float = 0.0
 
@@ -242,11 +243,18 @@ class Exporter:
         written = await asyncio.to_thread(self._write, batch.first_id, batch.table())
         self.stats.last_rename_at = time.perf_counter()
         await self._source.settle(batch.ids, batch.dead)
-        self._account(batch, len(written))
+        self._account(batch, len(written.paths))
         FLUSH_SECONDS.observe(time.perf_counter() - started)
-        _log().debug("batch exported", first_id=batch.first_id, rows=batch.rows, files=len(written))
+        self.stats.rewritten += written.replaced + written.removed
+        if written.replaced or written.removed:
+            _log().info(
+                "rewrote the files of an unacknowledged delivery",
+                first_id=batch.first_id,
+                replaced=written.replaced,
+                removed=written.removed,
+            )
 
-    def _write(self, first_id: str, table: pa.Table) -> list[Path]:
+    def _write(self, first_id: str, table: pa.Table) -> WrittenBatch:
         return self._dataset.write_batch(first_id, split_by_day(table))
 
     def _account(self, batch: Batch, files: int) -> None:

@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TextIO
 
@@ -55,6 +56,15 @@ def data_files(root: Path) -> list[Path]:
 def temp_files(root: Path) -> list[Path]:
     """Files left half-written by an interrupted exporter."""
     return sorted(root.glob(f"{PARTITION_PREFIX}*/.*{TMP_SUFFIX}"))
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenBatch:
+    """The files a batch left: written paths, and how many earlier files it rewrote."""
+
+    paths: list[Path]
+    replaced: int = 0  # files of an earlier, unacknowledged delivery renamed over
+    removed: int = 0  # files of an earlier delivery in days this one no longer has
 
 
 class Dataset:
@@ -109,19 +119,20 @@ class Dataset:
         except OSError as exc:
             raise DatasetError(f"cannot read {path}: {exc.strerror}") from exc
 
-    def write_batch(self, first_id: str, tables: dict[str, pa.Table]) -> list[Path]:
+    def write_batch(self, first_id: str, tables: dict[str, pa.Table]) -> WrittenBatch:
         """Durably write one batch's day tables as ``date=<day>/part-<first_id>.parquet``.
 
-        Returns the paths written. When this returns, every file is renamed into place and
-        its directory entry is on disk, and no other day holds a file of this name.
+        When this returns, every file is renamed into place and its directory entry is on
+        disk, and no other day holds a file of this name.
         """
         name = file_name(first_id)
         try:
+            existing = {p for p in self._partitions() if (p / name).exists()}
             written = [self._write_file(day, name, table) for day, table in tables.items()]
-            self._remove_stale(name, {path.parent for path in written})
+            removed = self._remove_stale(name, existing - {path.parent for path in written})
         except OSError as exc:
             raise DatasetError(f"cannot write batch {name}: {exc.strerror or exc}") from exc
-        return written
+        return WrittenBatch(written, replaced=len(existing) - removed, removed=removed)
 
     def discard(self, paths: list[Path]) -> None:
         """Delete data files durably (files of batches that were never acknowledged)."""
@@ -145,14 +156,11 @@ class Dataset:
         _fsync_dir(directory)
         return final
 
-    def _remove_stale(self, name: str, keep: set[Path]) -> None:
-        for directory in self._partitions():
-            if directory in keep:
-                continue
-            stale = directory / name
-            if stale.exists():
-                stale.unlink()
-                _fsync_dir(directory)
+    def _remove_stale(self, name: str, directories: set[Path]) -> int:
+        for directory in directories:
+            (directory / name).unlink()
+            _fsync_dir(directory)
+        return len(directories)
 
     def _partitions(self) -> Iterator[Path]:
         return (p for p in self.root.glob(f"{PARTITION_PREFIX}*") if p.is_dir())
