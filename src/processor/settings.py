@@ -67,7 +67,7 @@ class Settings(BaseSettings):
 
     # Batching and backpressure
     batch_max_size: PositiveInt = 5_000
-    batch_max_age_ms: PositiveInt = 200
+    batch_max_age_ms: PositiveInt = 100
     queue_max_batches: PositiveInt = 2
     state_capacity: PositiveInt = 100_000
     retry_initial_s: PositiveFloat = 0.2

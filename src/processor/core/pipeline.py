@@ -73,6 +73,7 @@ class PipelineStats:
     duplicates: int = 0
     dead_lettered: int = 0
     batches: int = 0
+    first_read: float = field(default=0.0)
     last_commit: float = field(default=0.0)
 
 
@@ -150,6 +151,8 @@ class Pipeline:
         return None
 
     def _add(self, batcher: Batcher, delivery: Delivery, now: float) -> Batch | None:
+        if not self.stats.first_read:
+            self.stats.first_read = now
         records, dead, sources = self._decode(delivery.entries)
         dead.extend(delivery.exhausted)
         self.stats.read += len(delivery.entries)
