@@ -170,6 +170,18 @@ class Tracker:
     cell: int
     phase_ms: int
 
+    @classmethod
+    def draw(cls, rng: random.Random, imei: str) -> Tracker:
+        """A tracker with a SIM, a vehicle VIN, some kilometres behind it and a 1 Hz phase."""
+        return cls(
+            imei=imei,
+            iccid=8_921_200_000_000_000_000 + rng.randrange(10**14),
+            vin=f"VF1SIM{rng.randrange(10**11):011d}".encode(),
+            odometer_m=rng.randrange(5_000_000, 200_000_000),
+            cell=rng.randrange(10_000, 60_000),
+            phase_ms=rng.randrange(0, 1000, 10),
+        )
+
 
 class Vehicle:
     """A competitor driving the stage; :meth:`tick` moves it 1 s and returns deliveries."""
@@ -193,17 +205,9 @@ class Vehicle:
         self.rng, self.rates, self.incidents = rng, rates, incidents
         self.start_ms = entry.start_ms
         self.on_ms = entry.start_ms - PREROLL_MS
-        self.tracker = Tracker(
-            imei=entry.imei,
-            iccid=8_921_200_000_000_000_000 + rng.randrange(10**14),
-            vin=f"VF1SIM{rng.randrange(10**11):011d}".encode(),
-            odometer_m=rng.randrange(5_000_000, 200_000_000),
-            cell=rng.randrange(10_000, 60_000),
-            phase_ms=rng.randrange(0, 1000, 10),
-        )
+        self.tracker = Tracker.draw(rng, entry.imei)
         self.skill = rng.uniform(0.82, 1.0)
         self.lane = rng.uniform(-2.5, 2.5)
-        self.finish_s = course.finish_s
         self.end_s = course.route.length - 20.0
         self.s = course.start_s - 30.0 - rng.uniform(0, 15)
         self.v = 0.0
