@@ -107,11 +107,21 @@ def test_positions_csv_accepts_ms_iso_missing_received_at_and_sentinels() -> Non
         (f'{IMEI},{T0},45,14,0,0,7,55,0,0,,"{{""1"": -1}}"', "line 2, column 'io'"),
         (f'{IMEI},{T0},45,14,0,0,7,55,0,0,,"{{""1"": {{""$bigint"": ""x""}}}}"', "column 'io'"),
         (f"{IMEI},{T0},45,14", "line 2: 4 fields"),
+        (f"{IMEI},{T0},nan,14,0,0,7,55,0,0,,", "line 2, column 'lat'"),
+        (f"{IMEI},{T0},45,14,0,0,7,55,0,0,999999999999999999,", "column 'received_at'"),
+        (f",{T0},45,14,0,0,7,55,0,0,,", "line 2, column 'imei'"),
+        (f'{IMEI},{T0},45,14,0,0,7,55,0,0,,"{{""70000"": 1}}"', "IO id '70000'"),
     ],
 )
 def test_positions_csv_errors_name_line_and_column(row: str, message: str) -> None:
     with pytest.raises(PositionsError, match=message):
         parse_positions([HEADER, row + "\n"])
+
+
+def test_positions_csv_fast_and_careful_paths_agree() -> None:
+    plain = f"{IMEI},{T0},45.5,14.5,3,4,5,6,0,0,{T0 + 9},\n"
+    spaced = f" {IMEI} , {T0} ,45.5,14.5,3,4,5,6,0,0, {T0 + 9} ,{{}}\n"
+    assert parse_positions([HEADER, plain]) == parse_positions([HEADER, spaced])
 
 
 def test_positions_csv_rejects_unknown_or_missing_header_columns() -> None:

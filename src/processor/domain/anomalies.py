@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from processor.domain.compiled import Shape
-from processor.domain.fixes import clock_ok, is_fix
+from processor.domain.fixes import clock_ok
 from processor.domain.model import Entry, Position, Rules
 from processor.domain.rows import Anomaly
 from processor.domain.stage import Passage
@@ -47,21 +47,30 @@ class Run:
         return ts >= self.start and (self.end is None or ts < self.end)
 
 
+@dataclass(frozen=True, slots=True)
+class Records:
+    """An entry's records three ways: all (by ts), plausible-clock ones, and fixes."""
+
+    all: Sequence[Position]
+    plausible: Sequence[Position]
+    fixes: Sequence[Position]
+
+
 def detect(
     entry: Entry,
-    records: Sequence[Position],
+    records: Records,
     runs: Sequence[Run],
     rules: Rules,
     now_ms: int | None,
     event_id: Any,
 ) -> list[Anomaly]:
     """Every anomaly of the entry, one per (device, kind, started_at), sorted by start."""
-    by_ts = [r for r in records if clock_ok(r)]
-    by_ts.sort(key=lambda r: r.ts)
     found: list[Found] = []
-    found += _signals(by_ts, rules)
-    found += _clock(records)
-    found += _running(by_ts, records, runs, rules, now_ms)
+    found += _signals(records.plausible, rules)
+    if len(records.plausible) != len(records.all):
+        found += _clock(records.all)
+    if runs:
+        found += _running(records, runs, rules, now_ms)
     out: dict[tuple[str, int], Anomaly] = {}
     for kind, severity, (start, end, record), details in found:
         key = (kind, start)
@@ -128,20 +137,38 @@ def _io_state(
 
 
 def _signals(by_ts: Sequence[Position], rules: Rules) -> list[Found]:
+    """SOS, crash and the IO alerts; each first checks cheaply whether it ever shows."""
     found: list[Found] = []
-    for episode in episodes(by_ts, lambda r: r.priority == 2):
-        found.append(("sos", "critical", episode, {}))
-    for episode in episodes(by_ts, _io_state(IO_CRASH, lambda v: v == 1, keep=False)):
-        found.append(("crash", "critical", episode, {}))
-    battery = _io_state(IO_BATTERY, lambda v: v < rules.low_battery_pct, keep=True)
-    for episode in episodes(by_ts, battery):
-        found.append(
-            ("low_battery", "warning", episode, {"battery_pct": episode[2].io[IO_BATTERY]})
-        )
-    for episode in episodes(by_ts, _io_state(IO_POWER_CUT, lambda v: v == 1, keep=True)):
-        found.append(("power_cut", "warning", episode, {}))
-    for episode in episodes(by_ts, _io_state(IO_JAMMING, lambda v: v in (1, 2), keep=True)):
-        found.append(("gnss_jamming", _jamming_severity(by_ts, episode), episode, {}))
+    if any(r.priority == 2 for r in by_ts):
+        for episode in episodes(by_ts, lambda r: r.priority == 2):
+            found.append(("sos", "critical", episode, {}))
+    if any(r.io.get(IO_CRASH) == 1 for r in by_ts if r.io):
+        for episode in episodes(by_ts, _io_state(IO_CRASH, lambda v: v == 1, keep=False)):
+            found.append(("crash", "critical", episode, {}))
+    found += _io_signals(by_ts, rules)
+    return found
+
+
+def _io_signals(by_ts: Sequence[Position], rules: Rules) -> list[Found]:
+    """Alerts whose IO keeps its state when absent: only records carrying it matter."""
+    found: list[Found] = []
+    pct = rules.low_battery_pct
+    battery = [r for r in by_ts if IO_BATTERY in r.io]
+    if any(isinstance(v := r.io[IO_BATTERY], int) and v < pct for r in battery):
+        low = _io_state(IO_BATTERY, lambda v: v < pct, keep=True)
+        for episode in episodes(battery, low):
+            details = {"battery_pct": episode[2].io[IO_BATTERY]}
+            found.append(("low_battery", "warning", episode, details))
+    power = [r for r in by_ts if r.io.get(IO_POWER_CUT) == 1]
+    if power:
+        cut = [r for r in by_ts if IO_POWER_CUT in r.io]
+        for episode in episodes(cut, _io_state(IO_POWER_CUT, lambda v: v == 1, keep=True)):
+            found.append(("power_cut", "warning", episode, {}))
+    jamming = [r for r in by_ts if r.io.get(IO_JAMMING) in (1, 2)]
+    if jamming:
+        jam = [r for r in by_ts if IO_JAMMING in r.io]
+        for episode in episodes(jam, _io_state(IO_JAMMING, lambda v: v in (1, 2), keep=True)):
+            found.append(("gnss_jamming", _jamming_severity(jam, episode), episode, {}))
     return found
 
 
@@ -164,8 +191,7 @@ def _clock(records: Sequence[Position]) -> list[Found]:
 
 
 def _running(
-    by_ts: Sequence[Position],
-    records: Sequence[Position],
+    records: Records,
     runs: Sequence[Run],
     rules: Rules,
     now_ms: int | None,
@@ -184,9 +210,9 @@ def _running(
                 found.append(
                     ("forbidden_zone", "warning", (passage.enter.ts, end, record), details)
                 )
-    if runs:
-        found += _offline(records, runs, rules, now_ms)
-        found += _no_fix(by_ts, runs)
+    found += _offline(records.all, runs, rules, now_ms)
+    if len(records.fixes) != len(records.plausible):
+        found += _no_fix(records.plausible, records.fixes, runs)
     return found
 
 
@@ -198,6 +224,8 @@ def _nearest(fixes: Sequence[Position], ts: int) -> Position | None:
 def _stopped(run: Run, rules: Rules) -> list[Found]:
     fixes = [f for f in run.fixes if run.covers(f.ts)]
     found: list[Found] = []
+    if not any(f.speed < STOPPED_BELOW_KMH for f in fixes):
+        return found
     for start, end, record, last in spans(fixes, lambda f: f.speed < STOPPED_BELOW_KMH):
         if last - start >= rules.stopped_alert_s * 1000:
             found.append(("stopped", "warning", (start, end, record), {}))
@@ -222,11 +250,14 @@ def _offline(
     return found
 
 
-def _no_fix(by_ts: Sequence[Position], runs: Sequence[Run]) -> list[Found]:
+def _no_fix(
+    by_ts: Sequence[Position], fixes: Sequence[Position], runs: Sequence[Run]
+) -> list[Found]:
     """Only non-fixes for 60 s while running."""
+    fix_ids = {id(f) for f in fixes}
 
     def state(record: Position) -> bool:
-        return not is_fix(record) and any(run.covers(record.ts) for run in runs)
+        return id(record) not in fix_ids and any(run.covers(record.ts) for run in runs)
 
     found: list[Found] = []
     for start, end, record, last in spans(by_ts, state):

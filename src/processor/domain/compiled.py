@@ -138,6 +138,7 @@ class CourseIndex:
     course: Course
     plans: tuple[StagePlan, ...]
     by_imei: dict[str, tuple[Entry, ...]]
+    windows: tuple[tuple[float, float], ...] = ()
 
     @classmethod
     def build(cls, course: Course) -> CourseIndex:
@@ -147,15 +148,26 @@ class CourseIndex:
         for entry in course.entries:
             if entry.imei is not None:
                 by_imei.setdefault(entry.imei, []).append(entry)
+        windows = tuple(
+            (
+                -math.inf if stage.opens_at is None else stage.opens_at,
+                math.inf if stage.closes_at is None else stage.closes_at,
+            )
+            for stage in stages
+        )
         return cls(
             course,
             tuple(plan_stage(course, stage) for stage in stages),
             {imei: tuple(found) for imei, found in by_imei.items()},
+            windows,
         )
 
     def in_scope(self, ts: int) -> bool:
         """Whether a time is inside any stage window (the domain looks nowhere else)."""
-        return any(plan.stage.contains(ts) for plan in self.plans)
+        for lo, hi in self.windows:  # noqa: SIM110 - a plain loop is twice as fast as any()
+            if lo <= ts <= hi:
+                return True
+        return False
 
 
 def candidates(plan: StagePlan, c1: tuple[int, int], c2: tuple[int, int]) -> Sequence[Shape]:

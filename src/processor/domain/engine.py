@@ -8,12 +8,19 @@ gives exactly :func:`evaluate` over their union. Neither reads a clock: ``now`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from processor.domain.anomalies import Run, detect
+from processor.domain.anomalies import Records, Run, detect
 from processor.domain.compiled import CourseIndex
-from processor.domain.fixes import clock_ok, is_fix, remove_spikes
+from processor.domain.fixes import (
+    MAX_CLOCK_AHEAD_MS,
+    MIN_PLAUSIBLE_TS,
+    clock_ok,
+    has_fix,
+    remove_spikes,
+)
 from processor.domain.model import Course, Entry, Id, Position
 from processor.domain.ranking import overall, rank_stage
 from processor.domain.rows import (
@@ -64,7 +71,9 @@ class _Store:
             entries = by_imei.get(position.imei)
             if not entries:
                 continue
-            when = position.ts if clock_ok(position) else position.received_at
+            ts = position.ts
+            plausible = MIN_PLAUSIBLE_TS <= ts <= position.received_at + MAX_CLOCK_AHEAD_MS
+            when = ts if plausible else position.received_at
             if not in_scope(when):
                 continue
             for entry in entries:
@@ -112,16 +121,19 @@ def evaluate_entry(
 ) -> EntryOutcome:
     """Evaluate one entry on every stage and detect its anomalies."""
     ordered = [records[ts] for ts in sorted(records)]
-    fixes = [r for r in ordered if is_fix(r)]
+    plausible = [r for r in ordered if clock_ok(r)]
+    fixes = [r for r in plausible if has_fix(r)]
     rules = index.course.rules
     event_id = index.course.event.id
     stages: dict[Id, StageOutcome] = {}
     runs: list[Run] = []
     for plan in index.plans:
         stage = plan.stage
-        window = [f for f in fixes if stage.contains(f.ts)]
+        lo = -math.inf if stage.opens_at is None else stage.opens_at
+        hi = math.inf if stage.closes_at is None else stage.closes_at
+        window = [f for f in fixes if lo <= f.ts <= hi]
         clean, spikes = remove_spikes(window, rules.max_speed_kmh)
-        received = [r.received_at for r in ordered if clock_ok(r) and stage.contains(r.ts)]
+        received = [r.received_at for r in plausible if lo <= r.ts <= hi]
         closed = stage.closed_at(now_ms)
         outcome = evaluate_stage(
             plan,
@@ -129,7 +141,7 @@ def evaluate_entry(
             rules,
             clean,
             closed=closed,
-            updated_at=max(received) if received else None,
+            updated_at=max(received, default=None),
             source=source,
             event_id=event_id,
         )
@@ -141,7 +153,7 @@ def evaluate_entry(
                 Run(start, end, stage.kind == "special", running_now, clean, spikes,
                     outcome.forbidden, stage.name)
             )  # fmt: skip
-    anomalies = detect(entry, ordered, runs, rules, now_ms, event_id)
+    anomalies = detect(entry, Records(ordered, plausible, fixes), runs, rules, now_ms, event_id)
     return EntryOutcome(stages, tuple(anomalies))
 
 

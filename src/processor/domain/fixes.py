@@ -6,12 +6,13 @@ import math
 from collections.abc import Sequence
 from typing import Final
 
-from processor.domain.geometry import distance_m
+from processor.domain.geometry import M_PER_DEG, distance_m
 from processor.domain.model import Position
 
 MIN_PLAUSIBLE_TS: Final = 1_262_304_000_000  # 2010-01-01T00:00:00Z
 MAX_CLOCK_AHEAD_MS: Final = 300_000
 IO_GNSS_STATUS: Final = 69
+_RAD: Final = math.pi / 180.0
 
 
 def clock_ok(position: Position) -> bool:
@@ -21,14 +22,18 @@ def clock_ok(position: Position) -> bool:
 
 def is_fix(position: Position) -> bool:
     """Whether a record is a GNSS fix usable for timing (DOMAIN.md "Which records count")."""
+    return has_fix(position) and clock_ok(position)
+
+
+def has_fix(position: Position) -> bool:
+    """:func:`is_fix` except the clock check (for records already known plausible)."""
     lat = position.lat
     lon = position.lon
     if position.sat <= 0 or (lat == 0.0 and lon == 0.0):
         return False
     if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):  # also false for NaN
         return False
-    gnss = position.io.get(IO_GNSS_STATUS, 1)
-    return gnss == 1 and clock_ok(position)
+    return position.io.get(IO_GNSS_STATUS, 1) == 1
 
 
 def remove_spikes(
@@ -44,13 +49,25 @@ def remove_spikes(
     kept: list[Position] = []
     spikes: list[Position] = []
     last = len(fixes) - 1
+    # The first test inlined (it runs for every fix): squared degrees against the limit.
+    k = _RAD / 2
+    per_deg2 = (limit / M_PER_DEG) ** 2
+    prev = None
     for i, fix in enumerate(fixes):
-        if kept and i < last and _too_fast(kept[-1], fix, limit):
+        if prev is not None and i < last:
+            dlat = fix.lat - prev.lat
+            dlon = (fix.lon - prev.lon) * math.cos((fix.lat + prev.lat) * k)
+            dt = fix.ts - prev.ts
+            fast = dlat * dlat + dlon * dlon > per_deg2 * dt * dt
+        else:
+            fast = False
+        if fast and prev is not None and _too_fast(prev, fix, limit):
             after = fixes[i + 1]
             if _too_fast(fix, after, limit) and not _too_fast(kept[-1], after, limit):
                 spikes.append(fix)
                 continue
         kept.append(fix)
+        prev = fix
     return kept, spikes
 
 

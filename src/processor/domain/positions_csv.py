@@ -13,7 +13,7 @@ import base64
 import binascii
 import csv
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 import orjson
@@ -27,6 +27,7 @@ COLUMNS: Final = (
 )  # fmt: skip
 REQUIRED: Final = frozenset({"imei", "ts", "lat", "lon"})
 MAX_U64: Final = 2**64 - 1
+_EMPTY_IO: Final = frozenset({"", "{}"})
 
 
 class PositionsError(ValueError):
@@ -53,21 +54,17 @@ def iter_positions(lines: Iterable[str]) -> Iterator[Position]:
         raise PositionsError(1, None, "the file is empty (expected a header)") from None
     index = _header(header)
     width = len(header)
-    columns = {name: _getter(index.get(name)) for name in COLUMNS}
+    # An absent column reads the empty string appended after the row's own fields.
+    picks = tuple(index.get(name, width) for name in COLUMNS)
     for row in reader:
-        line = reader.line_num
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue
         if len(row) != width:
-            raise PositionsError(line, None, f"{len(row)} fields, the header has {width}")
-        yield _position(row, columns, line)
-
-
-def _getter(i: int | None) -> Callable[[list[str]], str]:
-    """Read column ``i`` of a row; an absent column reads as empty."""
-    if i is None:
-        return lambda _row: ""
-    return lambda row: row[i]
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            raise PositionsError(
+                reader.line_num, None, f"{len(row)} fields, the header has {width}"
+            )
+        row.append("")
+        yield _position([row[i] for i in picks], reader.line_num)
 
 
 def _header(header: list[str]) -> dict[str, int]:
@@ -83,46 +80,74 @@ def _header(header: list[str]) -> dict[str, int]:
     return {name: i for i, name in enumerate(names)}
 
 
-def _position(row: list[str], col: dict[str, Callable[[list[str]], str]], line: int) -> Position:
-    imei = col["imei"](row).strip()
+def _position(values: list[str], line: int) -> Position:
+    """A row's position: the common shape fast, anything else through :func:`_careful`."""
+    imei, ts, lat, lon, alt, angle, sat, speed, priority, event_io, received, io = values
+    try:
+        y = float(lat)
+        x = float(lon)
+        t = int(ts)
+        r = int(received)
+        if not (
+            -90.0 <= y <= 90.0
+            and -180.0 <= x <= 180.0
+            and MIN_MS <= t <= MAX_MS
+            and MIN_MS <= r <= MAX_MS
+            and imei
+            and imei == imei.strip()
+        ):
+            raise ValueError(line)  # let the careful path say what is wrong
+        return Position(
+            imei, t, y, x, int(alt), int(angle), int(sat), int(speed), int(priority),
+            int(event_io), r, _io(io, line),
+        )  # fmt: skip
+    except ValueError:
+        return _careful(values, line)
+
+
+def _careful(values: list[str], line: int) -> Position:
+    """Parse a row field by field: empty optional fields, ISO times, precise errors."""
+    imei, ts_text, lat, lon, alt, angle, sat, speed, priority, event_io, received, io = values
+    imei = imei.strip()
     if not imei:
         raise PositionsError(line, "imei", "is empty")
-    ts = _time(col["ts"](row), line, "ts")
-    received = col["received_at"](row)
+    ts = _time(ts_text, line, "ts")
     return Position(
-        imei=imei,
-        ts=ts,
-        lat=_coordinate(col["lat"](row), line, "lat", 90.0),
-        lon=_coordinate(col["lon"](row), line, "lon", 180.0),
-        alt=_int(col["alt"](row), line, "alt"),
-        angle=_int(col["angle"](row), line, "angle"),
-        sat=_int(col["sat"](row), line, "sat"),
-        speed=_int(col["speed"](row), line, "speed"),
-        priority=_int(col["priority"](row), line, "priority"),
-        event_io=_int(col["event_io"](row), line, "event_io"),
-        received_at=_time(received, line, "received_at") if received.strip() else ts,
-        io=_io(col["io"](row), line),
+        imei,
+        ts,
+        _coordinate(lat, line, "lat", 90.0),
+        _coordinate(lon, line, "lon", 180.0),
+        _int(alt, line, "alt"),
+        _int(angle, line, "angle"),
+        _int(sat, line, "sat"),
+        _int(speed, line, "speed"),
+        _int(priority, line, "priority"),
+        _int(event_io, line, "event_io"),
+        _time(received, line, "received_at") if received.strip() else ts,
+        _io(io, line),
     )
 
 
 def _time(text: str, line: int, column: str) -> int:
-    value = text.strip()
     try:
-        ms = int(value) if value.lstrip("-").isdigit() else parse_iso_ms(value)
-    except TimeFormatError as exc:
-        raise PositionsError(line, column, f"not milliseconds or ISO 8601: {text!r}") from exc
+        ms = int(text)
+    except ValueError:
+        try:
+            ms = parse_iso_ms(text)
+        except TimeFormatError as exc:
+            message = f"not milliseconds or ISO 8601: {text!r}"
+            raise PositionsError(line, column, message) from exc
     if not MIN_MS <= ms <= MAX_MS:
         raise PositionsError(line, column, f"{ms} is outside the years 1-9999")
     return ms
 
 
 def _int(text: str, line: int, column: str) -> int:
-    value = text.strip()
-    if not value:
-        return 0
     try:
-        return int(value)
+        return int(text)
     except ValueError as exc:
+        if not text.strip():
+            return 0
         raise PositionsError(line, column, f"not an integer: {text!r}") from exc
 
 
@@ -137,20 +162,23 @@ def _coordinate(text: str, line: int, column: str, bound: float) -> float:
 
 
 def _io(text: str, line: int) -> dict[int, IoValue]:
-    value = text.strip()
-    if not value:
+    if text in _EMPTY_IO or not text.strip():
         return {}
     try:
-        data = orjson.loads(value)
+        data = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
         raise PositionsError(line, "io", f"not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise PositionsError(line, "io", "must be a JSON object of IO id to value")
     out: dict[int, IoValue] = {}
     for key, raw in data.items():
-        if not key.isdigit() or int(key) > 65535:
+        io_id = int(key) if key.isdigit() and len(key) <= 5 else -1
+        if not 0 <= io_id <= 65535:
             raise PositionsError(line, "io", f"IO id {key!r} is not an integer 0-65535")
-        out[int(key)] = _io_value(raw, line, key)
+        if type(raw) is int and 0 <= raw <= MAX_U64:
+            out[io_id] = raw
+        else:
+            out[io_id] = _io_value(raw, line, key)
     return out
 
 

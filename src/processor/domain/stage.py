@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from processor.domain.compiled import Shape, StagePlan, candidates, cell_of
+from processor.domain.compiled import CELLS_PER_DEGREE, Shape, StagePlan, candidates
 from processor.domain.geometry import circle_visit, gate_fraction
 from processor.domain.model import Entry, Position, Rules
 from processor.domain.rows import Penalty, StageResult, TimingRecord
@@ -107,13 +107,18 @@ def _scan(ctx: _Context) -> tuple[dict[int, list[Crossing]], dict[int, list[int]
     others: dict[int, list[int]] = {}
     if not plan.shapes or not fixes:
         return crossings, others
-    cells = [cell_of(f.lat, f.lon) for f in fixes]
+    per = CELLS_PER_DEGREE
+    cells = [(math.floor(f.lon * per), math.floor(f.lat * per)) for f in fixes]
+    grid = plan.grid
+    everywhere = plan.everywhere
     for i in range(len(fixes) - 1):
-        p1 = fixes[i]
-        p2 = fixes[i + 1]
-        found = candidates(plan, cells[i], cells[i + 1])
+        c1 = cells[i]
+        c2 = cells[i + 1]
+        found = grid.get(c1, everywhere) if c1 == c2 else candidates(plan, c1, c2)
         if not found:
             continue
+        p1 = fixes[i]
+        p2 = fixes[i + 1]
         lo_lat, hi_lat = (p1.lat, p2.lat) if p1.lat <= p2.lat else (p2.lat, p1.lat)
         lo_lon, hi_lon = (p1.lon, p2.lon) if p1.lon <= p2.lon else (p2.lon, p1.lon)
         for shape in found:
