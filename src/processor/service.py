@@ -176,7 +176,7 @@ async def _build_with_retry(settings: Settings, stop: asyncio.Event) -> Runtime:
 def components(settings: Settings) -> list[Component]:
     """The optional parts wired into the service, in order."""
     found: list[Component] = []
-    for module_name in ("processor.adapters.attributes_hook", "processor.adapters.domain_live"):
+    for module_name in ("processor.adapters.mappings", "processor.adapters.domain_live"):
         with contextlib.suppress(ModuleNotFoundError):
             module = __import__(module_name, fromlist=["install"])
             found.append(module.install)

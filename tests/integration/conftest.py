@@ -23,6 +23,9 @@ async def _prepare(database_url: str) -> None:
         except ImportError:
             return
         await directus_schema.bootstrap(conn)
+        from processor.adapters import reference
+
+        await reference.seed_io_mappings(conn, reference.read_io_csv())
     finally:
         await conn.close()
 

@@ -88,3 +88,20 @@ async def test_an_entry_delivered_too_often_is_dead_lettered(
     assert [fields[b"reason"] for _, fields in dead] == [b"max_deliveries"]
     assert await stored_keys(clean_db) == []
     assert (await aredis.xpending(settings.stream, settings.group))["pending"] == 0
+
+
+async def test_attributes_are_decoded_with_the_default_model_in_the_same_commit(
+    settings: Settings, clean_db: asyncpg.Connection, aredis: aioredis.Redis
+) -> None:
+    await xadd_all(aredis, settings.stream, [entry(4, i) for i in range(20)])
+
+    await drain(settings)
+
+    rows = await clean_db.fetch(
+        "SELECT p.device_id, a.attributes::text AS attributes FROM positions p"
+        " JOIN position_attributes a USING (device_id, ts)"
+    )
+    assert len(rows) == 20
+    attributes = orjson.loads(rows[0]["attributes"])
+    assert attributes["external_voltage"] == 12.85  # IO 66 = 12850 mV, multiplier 0.001
+    assert attributes["ignition"] == "on"
