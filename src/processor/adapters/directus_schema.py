@@ -95,13 +95,6 @@ class DirectusSchema:
     foreign_keys: tuple[ForeignKey, ...]
     unique_keys: tuple[UniqueKey, ...]
 
-    def column(self, table: str, name: str) -> Column:
-        """The column ``table.name``; raises KeyError when the snapshot has none."""
-        for column in self.tables[table]:
-            if column.name == name:
-                return column
-        raise KeyError(f"{table}.{name}")
-
 
 def load_schema(
     snapshot_path: Path = SNAPSHOT_PATH, natural_keys_path: Path = NATURAL_KEYS_PATH

@@ -20,6 +20,7 @@ import asyncpg
 import orjson
 from prometheus_client import Counter
 
+from processor.adapters.positions_store import AttributeRow
 from processor.core.attributes import IoElement, ModelMapping, decode_attributes
 from processor.core.records import Record
 from processor.logs import get_logger
@@ -28,7 +29,6 @@ from processor.settings import Settings
 if TYPE_CHECKING:
     from processor.service import Runtime
 
-AttributeRow = tuple[int, int, bytes, int]  # device_id, ts ms, attributes JSON, mapping version
 
 UNKNOWN_DEVICE_RECORDS: Final = Counter(
     "processor_attributes_unknown_device_records",

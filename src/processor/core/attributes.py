@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final, Literal
 
-IoValue = int | bytes
+from processor.core.records import IoValue
+
 Attribute = int | float | str
 Decoder = Callable[[IoValue], Attribute]
 Encoding = Literal["number", "ascii", "hex"]
@@ -34,7 +35,6 @@ LABELS: Final = 1  # unsigned number with enum labels, no scaling
 DIVIDE: Final = 2  # unsigned number divided by an integer (multiplier 0.1, 0.001, …)
 CALL: Final = 3  # anything else: a compiled decoder function
 Plan = tuple[str, int, Any]
-VARIABLE: Final = -1
 
 
 @dataclass(frozen=True, slots=True)
