@@ -348,6 +348,8 @@ def test_course_file_has_every_geofence_kind_and_waypoint_type(
         "forbidden_zone": "Polygon",
     }
     assert [f["properties"]["sequence"] for f in features] == list(range(1, len(features) + 1))
+    names = [f["properties"]["name"] for f in features]
+    assert len(set(names)) == len(names)  # replay output refers to geofences by name
     assert len(data["entries"]) == len(data["start_times"]) == 25
 
 
@@ -445,3 +447,40 @@ def test_redis_sink_error_is_raised_and_the_client_stays_usable(
         assert client.xlen(f"{stream_prefix}:records") == 50
     finally:
         client.close()
+
+
+def test_replaying_a_simulated_race_times_it_and_finds_its_incidents(tmp_path: Path) -> None:
+    """The simulator's files through ``processor replay``: what was injected is what is seen."""
+    from processor.cli import cli
+
+    runner = CliRunner()
+    files = {name: str(tmp_path / name) for name in ("course.json", "positions.csv")}
+    made = runner.invoke(
+        simulate,
+        [
+            "--seed", "12", "--vehicles", "12", "--length-km", "10", "--start", START,
+            "--out", str(tmp_path / "entries.jsonl"), "--positions-csv", files["positions.csv"],
+            "--course-out", files["course.json"], "--summary", "json",
+        ],
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    replayed = runner.invoke(
+        cli,
+        ["replay", "--course", files["course.json"], "--positions", files["positions.csv"],
+         "--format", "json"],
+    )  # fmt: skip
+    assert replayed.exit_code == 0, replayed.output
+    result = orjson.loads(replayed.output)
+    sim = Simulation(SimConfig(start_ms=START_MS, seed=12, vehicles=12, length_km=10))
+    number = {v.imei: n for n, v in enumerate(sim.vehicles, start=1)}
+    planned = {name: {number[v.imei] for v in sim.vehicles if name in v.incidents.names}
+               for name in ("dnf", "crash", "speeding", "missed_waypoint", "sos")}  # fmt: skip
+    finished = {r["entry"] for r in result["stage_results"] if r["status"] == "finished"}
+    assert finished == set(range(1, 13)) - planned["dnf"] - planned["crash"]
+    penalised = {(p["reason"], p["entry"]) for p in result["penalties"]}
+    assert {e for reason, e in penalised if reason == "speeding"} == planned["speeding"]
+    assert {e for reason, e in penalised if reason == "missed_waypoint"} == planned[
+        "missed_waypoint"
+    ]
+    kinds = {a["kind"] for a in result["anomalies"]}
+    assert {"sos", "crash", "low_battery", "clock", "gps_jump"} <= kinds

@@ -271,7 +271,8 @@ def _features(
         elif kind == "speed_zone":
             limit = rng.choice((30, 50, 60, 80))
             ring = tuple(route.corridor(s0, s1, 60.0))
-            zones.append(Zone(kind, f"Speed zone {limit}", s0, s1, ring, limit))
+            name = f"SZ{sum(z.kind == kind for z in zones) + 1} {limit} km/h"
+            zones.append(Zone(kind, name, s0, s1, ring, limit))
         else:
             zones.append(
                 Zone(kind, "Forbidden zone", s0, s1, tuple(_offside_block(rng, route, s0, s1)))
