@@ -11,8 +11,8 @@ letters. Exactly-once output rests on three rules (argued in docs/export.md):
 
 1. a batch is acknowledged as a whole, so the consumer's pending list is always whole
    batches, and at most one batch is written-but-unacknowledged (flushes are sequential);
-2. on start the first batch takes in *all* own pending entries before it may flush, so a
-   re-delivered batch is a superset of the crashed one with the same first id;
+2. on start the first batch is exactly the own pending entries (all of them, nothing
+   else), so a re-delivered batch has the crashed one's first id and rows;
 3. a batch's files replace every earlier file of the same name (and same-named files in
    days it no longer covers are removed);
 4. on start, any other file named after a still-pending entry (a batch written but never
@@ -206,7 +206,10 @@ class Exporter:
                 delivery = await reading
                 if not self.stats.first_read_at:
                     self.stats.first_read_at = time.perf_counter()
-                recovering = recovering and delivery.phase == _PHASE_PENDING
+                if recovering and delivery.phase != _PHASE_PENDING:
+                    recovering = False
+                    if not batch.empty():  # the redone batch: exactly the own pending entries
+                        batch = await self._start_flush(batch)
                 drained = self._burst and delivery.empty() and not recovering
                 # Read ahead: Redis serves the next batch while this one is decoded.
                 reading = None if drained or self._stop.is_set() else self._read_next()
