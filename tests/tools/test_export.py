@@ -16,9 +16,16 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from processor.adapters.redis_stream import StreamSource
 from processor.settings import Settings
-from processor.tools.export import run_export
-from processor.tools.export_files import data_files, file_name
+from processor.tools.export import (
+    Exporter,
+    ExportLimits,
+    ExportStats,
+    discard_uncommitted,
+    run_export,
+)
+from processor.tools.export_files import Dataset, data_files, file_name
 from processor.tools.export_verify import verify_dataset
 
 from .test_export_helpers import (
@@ -226,7 +233,6 @@ async def test_sigterm_flushes_the_batch_and_exits_cleanly(
 def test_verify_reports_duplicates_and_fails(tmp_path: Path) -> None:
     from processor.core.contract import decode_entry
     from processor.core.records import Record
-    from processor.tools.export_files import Dataset
     from processor.tools.export_schema import records_to_batch, split_by_day
 
     records = [decode_entry(f"1-{n}", entry(1, 1_717_243_200_000 + n, n)) for n in range(5)]
@@ -249,3 +255,47 @@ def test_verify_reports_duplicates_and_fails(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert b"clean: no" in result.stdout
+
+
+async def test_entries_claimed_from_a_dead_consumer_do_not_join_the_redone_batch(
+    settings: Settings, aredis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """The redone batch keeps its first id even when lower ids are claimed right after."""
+    ids = await xadd_all(aredis, settings.stream, entries(300))
+    await aredis.xgroup_create(settings.stream, settings.export_group, id="0")
+    await aredis.xreadgroup(settings.export_group, "dead", {settings.stream: ">"}, count=100)
+    await run_export(settings, tmp_path, burst=True, handle_signals=False)  # ids[100:]
+    first_files = len(data_files(tmp_path))
+    # As if this consumer died between renaming its file and acknowledging it.
+    await aredis.xgroup_setid(settings.stream, settings.export_group, ids[99])
+    await aredis.xreadgroup(settings.export_group, settings.consumer, {settings.stream: ">"})
+    await asyncio.sleep(0.1)
+
+    stats = await export_with_claims(settings, aredis, tmp_path, claim_idle_ms=50)
+
+    assert stats.rewritten == first_files
+    assert {p.name for p in data_files(tmp_path)} == {file_name(ids[0]), file_name(ids[100])}
+    report = verify_dataset(tmp_path)
+    assert (report.rows, report.clean()) == (300, True)
+    assert await pending(aredis, settings) == 0
+
+
+async def export_with_claims(
+    settings: Settings, client: aioredis.Redis, out: Path, *, claim_idle_ms: int
+) -> ExportStats:
+    """A burst export whose XAUTOCLAIM takes entries idle for only ``claim_idle_ms``."""
+    source = StreamSource(
+        client,
+        stream=settings.stream,
+        group=settings.export_group,
+        consumer=settings.consumer,
+        dead_letter_stream=settings.dead_letter_stream,
+        max_deliveries=settings.max_deliveries,
+        claim_idle_ms=claim_idle_ms,
+        count=settings.read_count,
+        block_ms=1,
+    )
+    with Dataset(out) as dataset:
+        await discard_uncommitted(client, source, dataset)
+        exporter = Exporter(source, dataset, ExportLimits.from_settings(settings), burst=True)
+        return await exporter.run()
