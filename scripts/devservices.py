@@ -183,12 +183,22 @@ def main(argv: list[str]) -> int:
         return 2
     env = dict(os.environ)
     with contextlib.ExitStack() as stack:
-        env["PROCESSOR_DATABASE_URL"] = resolve(
-            stack, "PROCESSOR_DATABASE_URL", DEFAULT_DATABASE_URL, 5432, embedded_postgres, force
-        )
-        env["PROCESSOR_REDIS_URL"] = resolve(
-            stack, "PROCESSOR_REDIS_URL", DEFAULT_REDIS_URL, 6379, embedded_redis, force
-        )
+        try:
+            env["PROCESSOR_DATABASE_URL"] = resolve(
+                stack,
+                "PROCESSOR_DATABASE_URL",
+                DEFAULT_DATABASE_URL,
+                5432,
+                embedded_postgres,
+                force,
+            )
+            env["PROCESSOR_REDIS_URL"] = resolve(
+                stack, "PROCESSOR_REDIS_URL", DEFAULT_REDIS_URL, 6379, embedded_redis, force
+            )
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            say(f"cannot start an embedded server: {exc} (logs under {VAR})")
+            say("start PostgreSQL/Redis yourself or set PROCESSOR_DATABASE_URL/PROCESSOR_REDIS_URL")
+            return 3
         return run(argv, env)
 
 
