@@ -7,6 +7,7 @@ Integration tests never mock either service.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from processor.adapters.migrations import migrate
 from processor.settings import Settings, load_settings
 
 ADMIN_URL = os.environ.get(
@@ -108,3 +110,42 @@ async def aredis() -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+# --- a migrated database (owned migrations, Directus tables, IO mappings) -----------------
+
+_OWNED = ("positions", "position_attributes")
+
+
+async def _prepare(database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn, load_settings(database_url=database_url))
+        try:
+            from processor.adapters import directus_schema
+        except ImportError:
+            return
+        await directus_schema.bootstrap(conn)
+        from processor.adapters import reference
+
+        await reference.seed_io_mappings(conn, reference.read_io_csv())
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def migrated_database(database_url: str) -> str:
+    """This session's database with the owned migrations applied (and Directus tables)."""
+    asyncio.run(_prepare(database_url))
+    return database_url
+
+
+@pytest.fixture
+async def clean_db(migrated_database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the migrated database with positions and attributes emptied."""
+    conn = await asyncpg.connect(migrated_database)
+    try:
+        await conn.execute("TRUNCATE " + ", ".join(_OWNED))
+        yield conn
+    finally:
+        await conn.close()
