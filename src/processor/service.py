@@ -53,6 +53,7 @@ class Runtime:
     hooks: list[tuple[str, CommitHook]] = field(default_factory=list)
     background: list[Callable[[asyncio.Event], Awaitable[None]]] = field(default_factory=list)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    drains: list[Callable[[float], Awaitable[None]]] = field(default_factory=list)
     ready: bool = False
 
 
@@ -256,6 +257,9 @@ async def serve(settings: Settings, stop: asyncio.Event, *, burst: bool = False)
     )
     try:
         await pipeline.run(stop, burst=burst)
+        if burst:  # tools and tests: let derived work (the domain) catch up before exiting
+            for drain in runtime.drains:
+                await drain(settings.shutdown_timeout_s * 4)
     finally:
         runtime.ready = False
         background_stop.set()

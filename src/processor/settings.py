@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # Domain
     domain_enabled: bool = True
     domain_tick_s: PositiveFloat = 5.0
+    domain_shards: Annotated[int, Field(ge=1, le=1024)] = 16
+    domain_lease_ttl_ms: Annotated[int, Field(ge=1000)] = 10_000
+    domain_batch_s: PositiveFloat = 0.5
 
     # Observability and lifecycle
     http_host: str = "0.0.0.0"  # noqa: S104 - metrics and probes must be reachable by the scraper
@@ -112,6 +115,7 @@ class Settings(BaseSettings):
     gateway_subscribe_rate_per_s: PositiveFloat = 5.0
     gateway_subscribe_burst: PositiveInt = 20
     gateway_max_subscriptions: PositiveInt = 16
+    gateway_compression: bool = True
 
     # Domain events (outbox → webhooks)
     directus_url: AnyUrl | None = None
@@ -127,6 +131,7 @@ class Settings(BaseSettings):
     export_group: str = Field("analytics", min_length=1)
     export_max_rows: PositiveInt = 100_000
     export_max_age_s: PositiveFloat = 60.0
+    export_workers: NonNegativeInt = 0
 
     @field_validator("gateway_allowed_origins", mode="before")
     @classmethod

@@ -1,12 +1,15 @@
-"""The race domain in the running service: after each commit, time what the batch changed.
+"""The race domain in the running service, sharded by device across instances.
 
-One :class:`LiveEngine` per live event, warmed from stored positions at start (so a
-restart, a crash or another instance's earlier work never leaves the tables behind: the
-first sync makes them equal a replay). After each positions commit the new records go
-through the engine; the (stage, entry) pairs it reports as changed are synced to the
-Directus tables in one transaction together with their domain events (outbox), then the
-live channel is told. A periodic tick passes ``now`` for stage closures and ``offline``
-alerts. Course edits in Directus are picked up by polling a fingerprint.
+Any instance may store a batch of positions; the domain work for a device is done by the
+one instance that holds its shard's lease (device affinity, in order). After the positions
+commit, and before the entries are acknowledged, the storing instance appends the new
+records to their shard's work stream (``{stream}:domain:{shard}``). The shard's owner
+reads that stream (consumer group ``domain``), feeds its engines (one
+:class:`LiveEngine` per live event and shard), syncs the changed (stage, entry) units to
+the Directus tables with their outbox events in one fenced transaction, re-ranks the
+stages touched, tells the live channel, then acknowledges. When an owner dies its leases
+expire; the next owner warms its engines from the stored positions, re-reads the work
+still pending and carries on. docs/scaling.md has the model and its guarantees.
 """
 
 from __future__ import annotations
@@ -14,25 +17,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from processor.adapters import domain_store as store
-from processor.adapters.domain_store import Change
+from processor.adapters.domain_store import Change, LeaseLostError
+from processor.adapters.leases import Leases
 from processor.adapters.live_views import LiveViews
+from processor.adapters.positions_store import io_json
 from processor.core.records import Record
+from processor.core.sharding import shard_of
 from processor.domain.engine import LiveEngine
 from processor.domain.model import Course, Position
 from processor.logs import get_logger
+from processor.settings import Settings
 
 if TYPE_CHECKING:
     from processor.service import Runtime
 
 log = get_logger("domain")
 
+GROUP = "domain"
+CONSUMER = "owner"  # one name for every owner: a new owner's pending entries are its own
+COURSE_POLL_S = 10.0
 COURSE_FINGERPRINT = """
 SELECT md5(concat_ws('#',
   (SELECT string_agg(t::text, '|' ORDER BY t.id) FROM events t),
@@ -42,8 +56,6 @@ SELECT md5(concat_ws('#',
   (SELECT string_agg(t::text, '|' ORDER BY t.id) FROM start_times t),
   (SELECT string_agg(t.id || ':' || t.imei, '|' ORDER BY t.id) FROM devices t)))
 """
-COURSE_POLL_S = 10.0
-
 _EVENT_TYPES = {
     ("timing_records", "created"): ("timing_record.created",),
     ("timing_records", "updated"): ("timing_record.updated",),
@@ -53,57 +65,35 @@ _EVENT_TYPES = {
 }
 
 
-def to_position(record: Record) -> Position:
-    """The domain's view of a stored record."""
-    return Position(
-        imei=record.imei,
-        ts=record.ts,
-        lat=record.lat,
-        lon=record.lon,
-        alt=record.alt,
-        angle=record.angle,
-        sat=record.sat,
-        speed=record.speed,
-        priority=record.priority,
-        event_io=record.event_io,
-        received_at=record.received_at,
-        io=record.io,
-    )
+# --- work items: positions on the shard streams ---------------------------------------------
 
 
-@dataclass(slots=True)
-class EventRun:
-    """One live event: its course, engine and the devices it follows."""
-
-    event_id: int
-    course: Course
-    engine: LiveEngine
-    imeis: frozenset[str]
-    entry_ids: dict[int, int] = field(default_factory=dict)  # number -> entry id
-
-    @classmethod
-    def build(cls, event_id: int, course: Course) -> EventRun:
-        imeis = frozenset(e.imei for e in course.entries if e.imei)
-        numbers = {e.number: int(e.id) for e in course.entries}
-        return cls(event_id, course, LiveEngine(course, source="live"), imeis, numbers)
+def encode_positions(records: Sequence[Record]) -> bytes:
+    """Records as a compact JSON array (io as stored: integers exact, bytes as hex)."""
+    rows = [
+        [r.imei, r.ts, r.lat, r.lon, r.alt, r.angle, r.sat, r.speed, r.priority, r.event_io,
+         r.received_at, orjson.Fragment(io_json(r.io))]
+        for r in records
+    ]  # fmt: skip
+    return orjson.dumps(rows)
 
 
-def domain_events(changes: Iterable[Change], run: EventRun) -> list[Any]:
-    """Outbox events for the changes of one sync (types of docs/events.md)."""
-    from processor.adapters.outbox import EventContext, build_event
-
-    numbers = {v: k for k, v in run.entry_ids.items()}
+def decode_positions(data: bytes) -> list[Position]:
+    """The positions of one work item."""
     out = []
-    for change in changes:
-        context = EventContext(
-            event=run.event_id,
-            stage=change.row.get("stage"),
-            entry=change.row.get("entry"),
-            entry_number=numbers.get(change.row.get("entry", -1)),
-        )
-        for event_type in _types_of(change):
-            out.append(build_event(event_type, change.row, context))
+    for row in orjson.loads(data):
+        io = {
+            int(k): bytes.fromhex(v) if isinstance(v, str) else int(v) for k, v in row[11].items()
+        }
+        out.append(Position(*row[:11], io=io))  # type: ignore[misc]
     return out
+
+
+def shard_stream(settings: Settings, shard: int) -> str:
+    return f"{settings.stream}:domain:{shard}"
+
+
+# --- outbox events of a sync -------------------------------------------------------------------
 
 
 def _types_of(change: Change) -> Sequence[str]:
@@ -118,79 +108,242 @@ def _types_of(change: Change) -> Sequence[str]:
     return ()
 
 
+def domain_events(changes: Iterable[Change], event_id: int, numbers: dict[int, int]) -> list[Any]:
+    """Outbox events for the changes of one sync (types in docs/events.md)."""
+    from processor.adapters.outbox import EventContext, build_event
+
+    out: list[Any] = []
+    for change in changes:
+        entry = change.row.get("entry")
+        context = EventContext(
+            event=event_id,
+            stage=change.row.get("stage"),
+            entry=entry,
+            entry_number=numbers.get(entry) if entry is not None else None,
+        )
+        out.extend(build_event(t, change.row, context) for t in _types_of(change))
+    return out
+
+
+async def record(conn: asyncpg.Connection, events: list[Any]) -> None:
+    if events:
+        from processor.adapters.outbox import record_events
+
+        await record_events(conn, events)
+
+
+# --- one event on one shard ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ShardRun:
+    """One live event's engine for the devices of one shard."""
+
+    event_id: int
+    shard: int
+    course: Course
+    engine: LiveEngine
+    imeis: frozenset[str]
+    entry_ids: dict[int, int] = field(default_factory=dict)  # number -> entry id
+
+    @classmethod
+    def build(cls, event_id: int, shard: int, shards: int, course: Course) -> ShardRun:
+        imeis = frozenset(
+            e.imei for e in course.entries if e.imei and shard_of(e.imei, shards) == shard
+        )
+        numbers = {e.number: int(e.id) for e in course.entries}
+        return cls(event_id, shard, course, LiveEngine(course, source="live"), imeis, numbers)
+
+    def all_units(self) -> set[tuple[Any, int]]:
+        """Every (stage, entry number) of this shard's entries."""
+        return {
+            (s.id, e.number)
+            for s in self.course.stages
+            for e in self.course.entries
+            if e.imei in self.imeis
+        }
+
+
 class DomainLive:
-    """Runs the live events' engines and keeps the result tables in step."""
+    """Owns some shards; runs their engines and keeps the result tables in step."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.pool: asyncpg.Pool = runtime.pool
+        self.redis: aioredis.Redis = runtime.redis
         self.settings = runtime.settings
+        self.shards = runtime.settings.domain_shards
         self.views = LiveViews.for_runtime(runtime)
-        self.runs: dict[int, EventRun] = {}
+        self.leases = Leases(
+            runtime.redis,
+            f"{runtime.settings.stream}:domain",
+            runtime.settings.consumer,
+            self.shards,
+            runtime.settings.domain_lease_ttl_ms,
+        )
+        self.courses: dict[int, Course] = {}
+        self.runs: dict[int, list[ShardRun]] = {}  # shard -> runs
+        self.pending_phase: set[int] = set()
         self.fingerprint = ""
-        self._lock = asyncio.Lock()
+        self.leases_ready = asyncio.Event()
 
-    async def start(self) -> None:
-        """Load the live events and bring their tables in line with stored positions."""
+    # Storing side (every instance) ----------------------------------------------------------
+
+    async def on_commit(self, records: list[Record]) -> None:
+        """Post-commit hook: hand the new records to their shards' work streams."""
+        by_shard: dict[int, list[Record]] = defaultdict(list)
+        for r in records:
+            by_shard[shard_of(r.imei, self.shards)].append(r)
+        if not by_shard:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard, items in by_shard.items():
+                pipe.xadd(shard_stream(self.settings, shard), {"p": encode_positions(items)})
+            await pipe.execute()
+
+    # Owning side ---------------------------------------------------------------------------
+
+    async def load_courses(self) -> None:
         async with self.pool.acquire() as conn:
             self.fingerprint = str(await conn.fetchval(COURSE_FINGERPRINT))
             events = await store.live_event_ids(conn)
-            runs = {
-                event_id: EventRun.build(event_id, await store.load_course(conn, event_id))
-                for event_id in events
-            }
-        for run in runs.values():
-            await self._warm(run)
-        self.runs = runs
-        log.info("domain started", events=sorted(runs))
+            self.courses = {e: await store.load_course(conn, e) for e in events}
+        for event_id, course in self.courses.items():
+            with contextlib.suppress(Exception):
+                await self.views.publish_course_of(event_id, course)
+        log.info("live events loaded", events=sorted(self.courses))
 
-    async def _warm(self, run: EventRun) -> None:
-        async with self.pool.acquire() as conn:
-            positions = await store.load_positions(conn, run.course)
-        run.engine.add(positions)
-        run.engine.tick(_now_ms())
-        everything = {(s.id, e.number) for s in run.course.stages for e in run.course.entries}
-        await self._write(run, everything)
-        await self.views.publish_course(run)
+    async def adopt(self, shard: int) -> None:
+        """Take a shard: engines warmed from stored positions, tables synced, ranks fixed."""
+        stream = shard_stream(self.settings, shard)
+        with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+            await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        runs = [ShardRun.build(e, shard, self.shards, c) for e, c in self.courses.items()]
+        now = _now_ms()
+        for run in runs:
+            if not run.imeis:
+                continue
+            async with self.pool.acquire() as conn:
+                positions = await store.load_positions(conn, run.course, imeis=run.imeis)
+            run.engine.add(positions)
+            run.engine.tick(now)
+            await self.write(run, run.all_units())
+        self.runs[shard] = runs
+        self.pending_phase.add(shard)
 
-    async def on_commit(self, records: list[Record]) -> None:
-        """Post-commit hook: feed new records to the engines, sync what changed."""
-        async with self._lock:
-            for run in self.runs.values():
-                positions = [to_position(r) for r in records if r.imei in run.imeis]
-                if not positions:
-                    continue
-                affected = run.engine.add(positions)
-                if affected:
-                    await self._write(run, affected)
-                await self.views.publish_positions(run, positions)
+    def drop(self, shard: int) -> None:
+        self.runs.pop(shard, None)
+        self.pending_phase.discard(shard)
+
+    async def process(self, shard: int, positions: list[Position]) -> None:
+        for run in self.runs.get(shard, []):
+            mine = [p for p in positions if p.imei in run.imeis]
+            if not mine:
+                continue
+            affected = run.engine.add(mine)
+            if affected:
+                await self.write(run, affected)
+            await self.views.publish_positions_of(run.event_id, run.course, mine)
 
     async def tick(self) -> None:
-        """Advance every engine to now (closures, ``offline``) and sync what changed."""
-        async with self._lock:
-            now = _now_ms()
-            for run in self.runs.values():
+        now = _now_ms()
+        for runs in list(self.runs.values()):
+            for run in runs:
                 affected = run.engine.tick(now)
                 if affected:
-                    await self._write(run, affected)
+                    await self.write(run, affected)
 
-    async def _write(self, run: EventRun, affected: set[tuple[Any, int]]) -> None:
+    async def write(self, run: ShardRun, affected: set[tuple[Any, int]]) -> None:
+        """Sync the affected units of one shard run, fenced by its lease token."""
+        token = self.leases.owned.get(run.shard)
+        if token is None:
+            raise LeaseLostError(f"shard {run.shard} is no longer owned")
         result = run.engine.result()
-        entries = sorted(
-            {run.entry_ids[number] for _, number in affected if number in run.entry_ids}
-        )
+        numbers = {v: k for k, v in run.entry_ids.items()}
+        units = sorted((int(s), run.entry_ids[n]) for s, n in affected if n in run.entry_ids)
+        stages = sorted({s for s, _ in units})
         async with self.pool.acquire() as conn, conn.transaction():
+            await store.fence(conn, run.shard, token, self.leases.instance)
             changes: list[Change] = []
-            for stage_id, number in sorted(affected):
-                entry_id = run.entry_ids.get(number)
-                if entry_id is not None:
-                    changes += await store.sync_entry_stage(conn, result, int(stage_id), entry_id)
-            for entry_id in entries:
+            for stage_id, entry_id in units:
+                changes += await store.sync_entry_stage(
+                    conn, result, stage_id, entry_id, ranked=False
+                )
+            for entry_id in sorted({e for _, e in units}):
                 changes += await store.sync_entry_anomalies(conn, result, run.event_id, entry_id)
-            await _record(conn, domain_events(changes, run))
-        await self.views.publish_results(run, result, {s for s, _ in affected}, changes)
+            for stage_id in stages:
+                await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", 0x72616E6B, stage_id)
+                changes += await store.rank_stage_rows(conn, stage_id)
+            await record(conn, domain_events(changes, run.event_id, numbers))
+        await self.views.publish_stages(self.pool, run.event_id, run.course, stages, changes)
+
+    # Loops ------------------------------------------------------------------------------------
+
+    async def run_leases(self, stop: asyncio.Event) -> None:
+        """Background task: heartbeat and rebalance leases; adopt and drop shards."""
+        interval = self.settings.domain_lease_ttl_ms / 3000
+        while not stop.is_set():
+            try:
+                changes = await self.leases.step()
+                for shard in changes.lost:
+                    self.drop(shard)
+                for shard in sorted(changes.acquired):
+                    await self.adopt(shard)
+                self.leases_ready.set()
+            except Exception:  # the next step retries; leases not renewed just expire
+                log.exception("lease step failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+        for shard in list(self.runs):
+            self.drop(shard)
+        with contextlib.suppress(Exception):
+            await self.leases.release_all()
+
+    async def run_work(self, stop: asyncio.Event) -> None:
+        """Background task: read the owned shards' work streams and process them."""
+        while not stop.is_set():
+            owned = sorted(self.runs)
+            if not owned:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+                continue
+            try:
+                await self._work_once(owned)
+            except LeaseLostError as exc:
+                log.warning("shard lost while writing", error=str(exc))
+            except Exception:  # work stays pending and is read again
+                log.exception("domain work failed")
+                await asyncio.sleep(1)
+                self.pending_phase.update(self.runs)
+
+    async def _work_once(self, owned: list[int]) -> None:
+        streams: dict[Any, Any] = {
+            shard_stream(self.settings, s): "0" if s in self.pending_phase else ">" for s in owned
+        }
+        history = any(v == "0" for v in streams.values())
+        block = None if history else int(self.settings.domain_batch_s * 1000)
+        response: Any = await self.redis.xreadgroup(
+            GROUP, CONSUMER, streams, count=2000, block=block
+        )
+        received: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+        for stream, items in response or ():
+            shard = int(stream.decode().rsplit(":", 1)[1])
+            received[shard].extend((raw_id, fields.get(b"p", b"[]")) for raw_id, fields in items)
+        for shard in owned:
+            if shard in self.pending_phase and not received.get(shard):
+                self.pending_phase.discard(shard)
+        for shard, items in received.items():
+            if shard not in self.runs:
+                continue
+            positions = [p for _, data in items for p in decode_positions(data)]
+            await self.process(shard, positions)
+            ids = [raw_id for raw_id, _ in items]
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xack(shard_stream(self.settings, shard), GROUP, *ids)
+                pipe.xdel(shard_stream(self.settings, shard), *ids)
+                await pipe.execute()
 
     async def run_ticks(self, stop: asyncio.Event) -> None:
-        """Background task: tick every ``domain_tick_s``."""
+        """Background task: tick every ``domain_tick_s`` (closures, ``offline``)."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.domain_tick_s)
@@ -198,11 +351,11 @@ class DomainLive:
                 return
             try:
                 await self.tick()
-            except Exception:  # retried at the next tick; positions are safe meanwhile
+            except Exception:  # retried at the next tick
                 log.exception("domain tick failed")
 
     async def watch_courses(self, stop: asyncio.Event) -> None:
-        """Background task: rebuild the engines when a course changes in Directus."""
+        """Background task: re-adopt the owned shards when a course changes in Directus."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=COURSE_POLL_S)
@@ -213,18 +366,22 @@ class DomainLive:
                     fingerprint = str(await conn.fetchval(COURSE_FINGERPRINT))
                 if fingerprint != self.fingerprint:
                     log.info("course changed, reloading the live events")
-                    async with self._lock:
-                        await self.start()
+                    await self.load_courses()
+                    for shard in sorted(self.runs):
+                        await self.adopt(shard)
             except Exception:  # the next poll tries again
                 log.exception("course reload failed")
 
-
-async def _record(conn: asyncpg.Connection, events: list[Any]) -> None:
-    if not events:
-        return
-    from processor.adapters.outbox import record_events
-
-    await record_events(conn, events)
+    async def drain(self, timeout_s: float) -> None:
+        """Burst mode: process the owned shards' work until their streams are empty."""
+        deadline = time.monotonic() + timeout_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.leases_ready.wait(), timeout=timeout_s)
+        while time.monotonic() < deadline:
+            lengths = [await self.redis.xlen(shard_stream(self.settings, s)) for s in self.runs]
+            if not any(lengths):
+                return
+            await self._work_once(sorted(self.runs))
 
 
 def _now_ms() -> int:
@@ -236,7 +393,7 @@ async def install(runtime: Runtime) -> None:
     if not runtime.settings.domain_enabled:
         return
     live = DomainLive(runtime)
-    await live.start()
+    await live.load_courses()
     runtime.hooks.append(("domain", live.on_commit))
-    runtime.background.append(live.run_ticks)
-    runtime.background.append(live.watch_courses)
+    runtime.background.extend([live.run_leases, live.run_work, live.run_ticks, live.watch_courses])
+    runtime.drains.append(live.drain)

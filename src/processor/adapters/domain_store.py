@@ -253,6 +253,12 @@ RESULTS = Table(
         "updated_at",
     ),
 )  # fmt: skip
+# A shard writes its entries' results without ranks; ranks are a stage-wide computation
+# (rank_stage_rows) over every entry, whichever instance timed it.
+RANK_COLUMNS = ("rank", "class_rank", "gap_ms")
+RESULTS_UNRANKED = Table(
+    "stage_results", RESULTS.key, tuple(c for c in RESULTS.columns if c not in RANK_COLUMNS)
+)
 ANOMALIES = Table(
     "anomalies",
     ("device_imei", "kind", "started_at"),
@@ -336,8 +342,12 @@ async def sync_entry_stage(
     entry_id: int,
     *,
     write: bool = True,
+    ranked: bool = True,
 ) -> list[Change]:
-    """Sync one entry's timing records, penalties and result on one stage."""
+    """Sync one entry's timing records, penalties and result on one stage.
+
+    With ``ranked=False`` the rank columns are left to :func:`rank_stage_rows`.
+    """
     scope = {"stage": stage_id, "entry": entry_id}
     timing = [
         timing_row(r)
@@ -354,7 +364,8 @@ async def sync_entry_stage(
     ]
     changes = await sync_unit(conn, TIMING, scope, timing, write=write)
     changes += await sync_unit(conn, PENALTIES, scope, penalties, write=write)
-    changes += await sync_unit(conn, RESULTS, scope, results, write=write)
+    results_table = RESULTS if ranked else RESULTS_UNRANKED
+    changes += await sync_unit(conn, results_table, scope, results, write=write)
     return changes
 
 
@@ -370,3 +381,128 @@ async def sync_entry_anomalies(
     wanted = [anomaly_row(a) for a in result.anomalies if a.entry_id == entry_id]
     scope = {"event": event_id, "entry": entry_id}
     return await sync_unit(conn, ANOMALIES, scope, wanted, write=write)
+
+
+class LeaseLostError(Exception):
+    """A newer owner holds the shard: this instance must stop writing for it."""
+
+
+async def fence(conn: asyncpg.Connection, shard: int, token: int, owner: str) -> None:
+    """Inside a write transaction: proceed only while ``token`` is the shard's newest.
+
+    Raises :class:`LeaseLostError` (rolling the transaction back) otherwise.
+    """
+    row = await conn.fetchval(
+        "INSERT INTO processor.domain_shards AS s (shard, token, owner) VALUES ($1, $2, $3)"
+        " ON CONFLICT (shard) DO UPDATE SET token = EXCLUDED.token, owner = EXCLUDED.owner,"
+        " updated_at = now() WHERE s.token <= EXCLUDED.token RETURNING token",
+        shard,
+        token,
+        owner,
+    )
+    if row is None:
+        raise LeaseLostError(f"shard {shard}: token {token} is stale")
+
+
+_STAGE_RESULTS = """
+SELECT r.id, r.stage, r.entry, r.status, r.total_ms, r.penalty_ms, r.elapsed_ms, r.start_ts,
+       r.finish_ts, r.rank, r.class_rank, r.gap_ms, r.waypoints_validated, r.waypoints_total,
+       r.updated_at, e.number, e."class" AS klass, e.status AS entry_status
+FROM stage_results r JOIN entries e ON e.id = r.entry
+WHERE r.stage = $1
+ORDER BY e.number
+FOR UPDATE OF r
+"""
+
+
+def _result_from_row(row: Mapping[str, Any]) -> StageResult:
+    return StageResult(
+        stage_id=row["stage"],
+        stage_name="",
+        entry_id=row["entry"],
+        entry_number=row["number"],
+        status=row["status"],
+        start_ts=None if row["start_ts"] is None else as_ms(row["start_ts"]),
+        finish_ts=None if row["finish_ts"] is None else as_ms(row["finish_ts"]),
+        elapsed_ms=row["elapsed_ms"],
+        penalty_ms=row["penalty_ms"],
+        total_ms=row["total_ms"],
+        rank=None,
+        class_rank=None,
+        gap_ms=None,
+        waypoints_validated=row["waypoints_validated"],
+        waypoints_total=row["waypoints_total"],
+        updated_at=None if row["updated_at"] is None else as_ms(row["updated_at"]),
+    )
+
+
+async def rank_stage_rows(conn: asyncpg.Connection, stage_id: int) -> list[Change]:
+    """Recompute one stage's ranks, class ranks and gaps from every entry's stored result.
+
+    The same ranking function as the domain (``rank_stage``), over the rows in the table,
+    under a lock on the stage's rows; returns the results whose rank columns changed.
+    """
+    from processor.domain.model import Entry
+    from processor.domain.ranking import rank_stage
+
+    rows = await conn.fetch(_STAGE_RESULTS, stage_id)
+    entries = {
+        r["entry"]: Entry(
+            id=r["entry"], number=r["number"], klass=r["klass"], status=r["entry_status"]
+        )
+        for r in rows
+    }
+    ranked = rank_stage([_result_from_row(r) for r in rows], entries)
+    changes: list[Change] = []
+    for row, result in zip(rows, ranked, strict=True):
+        wanted = (result.rank, result.class_rank, result.gap_ms)
+        if (row["rank"], row["class_rank"], row["gap_ms"]) == wanted:
+            continue
+        await conn.execute(
+            "UPDATE stage_results SET rank = $2, class_rank = $3, gap_ms = $4 WHERE id = $1",
+            row["id"],
+            *wanted,
+        )
+        changes.append(Change("stage_results", "updated", result_row(result)))
+    return changes
+
+
+async def stage_view(
+    conn: asyncpg.Connection, stage_id: int
+) -> tuple[list[StageResult], list[TimingRecord]]:
+    """A stage's stored results (ranked) and split crossings, for the live leaderboard."""
+    rows = await conn.fetch(_STAGE_RESULTS.replace("FOR UPDATE OF r", ""), stage_id)
+    results = []
+    for row in rows:
+        base = _result_from_row(row)
+        results.append(
+            StageResult(
+                **{
+                    **_fields(base),
+                    "rank": row["rank"],
+                    "class_rank": row["class_rank"],
+                    "gap_ms": row["gap_ms"],
+                }
+            )
+        )
+    splits = await conn.fetch(
+        "SELECT t.ts, t.before_ts, t.after_ts, t.pass, t.kind, t.stage, t.entry, t.geofence,"
+        " g.name AS geofence_name, e.number FROM timing_records t"
+        " JOIN geofences g ON g.id = t.geofence JOIN entries e ON e.id = t.entry"
+        " WHERE t.stage = $1 AND t.kind = 'split' AND t.pass = 1",
+        stage_id,
+    )
+    timing = [
+        TimingRecord(
+            event_id=0, stage_id=stage_id, stage_name="", entry_id=r["entry"],
+            entry_number=r["number"], geofence_id=r["geofence"], geofence_name=r["geofence_name"],
+            kind="split", pass_=1, ts=as_ms(r["ts"]), before_ts=None, after_ts=None, method="",
+            distance_m=None, speed_kmh=None, confidence="", source="",
+        )
+        for r in splits
+    ]  # fmt: skip
+    return results, timing
+
+
+def _fields(result: StageResult) -> dict[str, Any]:
+    return {name: getattr(result, name) for name in result.__dataclass_fields__}

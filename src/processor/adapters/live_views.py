@@ -10,16 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 from redis.exceptions import RedisError
 
 from processor.adapters.live import LivePublisher
-from processor.domain.engine import DomainResult, StageResult, TimingRecord
-from processor.domain.model import Entry, Position
+from processor.domain.engine import OverallStanding, StageResult, TimingRecord
+from processor.domain.model import Course, Entry, Position
 from processor.domain.timeutil import format_opt
 from processor.logs import get_logger
 
 if TYPE_CHECKING:
-    from processor.adapters.domain_live import EventRun
     from processor.adapters.domain_store import Change
     from processor.service import Runtime
 
@@ -90,28 +90,31 @@ class LiveViews:
     def for_runtime(cls, runtime: Runtime) -> LiveViews:
         return cls(LivePublisher(runtime.redis, runtime.settings.live_prefix))
 
-    async def publish_course(self, run: EventRun) -> None:
+    async def publish_course_of(self, event_id: int, course: Course) -> None:
+        """The course geometry (for the map) and the event in the catalog."""
         if self.publisher is None:
             return
-        course = run.course.to_dict()
         try:
-            await self.publisher.publish_course(run.event_id, course["geofences"])
+            await self.publisher.publish_course(event_id, course.to_dict()["geofences"])
             await self.publisher.publish_catalog(
                 [
                     {
-                        "id": run.event_id,
-                        "name": run.course.event.name,
-                        "stages": [{"id": s.id, "name": s.name} for s in run.course.stages],
+                        "id": event_id,
+                        "name": course.event.name,
+                        "stages": [{"id": s.id, "name": s.name} for s in course.stages],
                     }
                 ]
             )
         except _PUBLISH_ERRORS as exc:  # best effort: see module docstring
             log.warning("live course publish failed", error=str(exc))
 
-    async def publish_positions(self, run: EventRun, positions: Iterable[Position]) -> None:
+    async def publish_positions_of(
+        self, event_id: int, course: Course, positions: Iterable[Position]
+    ) -> None:
+        """The newest fixes of the entries (the publisher throttles to 1 Hz each)."""
         if self.publisher is None:
             return
-        numbers = _numbers(run.course.entries)
+        numbers = _numbers(course.entries)
         rows = [
             {
                 "number": numbers[p.imei],
@@ -126,28 +129,42 @@ class LiveViews:
             if p.imei in numbers and p.sat > 0
         ]
         try:
-            await self.publisher.publish_positions(run.event_id, rows)
+            await self.publisher.publish_positions(event_id, rows)
         except _PUBLISH_ERRORS as exc:
             log.warning("live positions publish failed", error=str(exc))
 
-    async def publish_results(
-        self, run: EventRun, result: DomainResult, stages: set[Any], changes: list[Change]
+    async def publish_stages(
+        self,
+        pool: asyncpg.Pool,
+        event_id: int,
+        course: Course,
+        stages: Sequence[int],
+        changes: Sequence[Change],
     ) -> None:
+        """Leaderboards of the stages touched, the standings and new or closed alerts.
+
+        Read back from the tables, so they include every instance's entries and ranks.
+        """
         if self.publisher is None:
             return
-        entries = {e.number: e for e in run.course.entries}
+        from processor.adapters.domain_store import stage_view
+        from processor.domain.ranking import overall
+
+        entries = {e.number: e for e in course.entries}
+        special = {s.id for s in course.stages if s.kind == "special"}
         try:
-            for stage_id in sorted(stages):
-                rows = leaderboard_rows(
-                    [r for r in result.stage_results if r.stage_id == stage_id],
-                    [t for t in result.timing_records if t.stage_id == stage_id],
-                    entries,
-                )
+            async with pool.acquire() as conn:
+                views = {s.id: await stage_view(conn, int(s.id)) for s in course.stages}
+            for stage_id in stages:
+                results, splits = views[stage_id]
+                rows = leaderboard_rows(results, splits, entries)
                 await self.publisher.publish_leaderboard(stage_id, rows)
-            await self.publisher.publish_standings(run.event_id, _standings(result, entries))
+            every = [r for results, _ in views.values() for r in results]
+            standings = overall(every, list(course.entries), special)
+            await self.publisher.publish_standings(event_id, _standings(standings, entries))
             for change in changes:
                 if change.table == "anomalies" and change.action in ("created", "updated"):
-                    await self.publisher.publish_alert(run.event_id, _alert(change.row, entries))
+                    await self.publisher.publish_alert(event_id, _alert(change.row, entries))
         except _PUBLISH_ERRORS as exc:
             log.warning("live results publish failed", error=str(exc))
 
@@ -156,7 +173,9 @@ def _numbers(entries: Iterable[Entry]) -> dict[str, int]:
     return {e.imei: e.number for e in entries if e.imei}
 
 
-def _standings(result: DomainResult, entries: dict[int, Entry]) -> list[dict[str, Any]]:
+def _standings(
+    standings: Sequence[OverallStanding], entries: dict[int, Entry]
+) -> list[dict[str, Any]]:
     return [
         {
             "rank": s.rank,
@@ -167,7 +186,7 @@ def _standings(result: DomainResult, entries: dict[int, Entry]) -> list[dict[str
             "total_ms": s.total_ms,
             "gap_ms": s.gap_ms,
         }
-        for s in result.overall
+        for s in standings
     ]
 
 
