@@ -7,7 +7,7 @@ not carry the IO element keep the state, except for event-only signals (SOS, cra
 
 from __future__ import annotations
 
-import itertools
+import bisect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -31,13 +31,15 @@ Found = tuple[str, str, Episode, dict[str, Any]]
 
 @dataclass(frozen=True, slots=True)
 class Run:
-    """An entry's run on a stage: [start, end) (end None = open), its fixes, its state."""
+    """An entry's run on a stage: [start, end) (end None = open), its clean fixes (by ts)
+    with their slow spans (index ranges), spikes and forbidden-zone passages."""
 
     start: int
     end: int | None
     special: bool
     running_now: bool
     fixes: Sequence[Position]
+    slow: Sequence[Sequence[int]]
     spikes: Sequence[Position]
     forbidden: Sequence[tuple[Shape, Passage]]
     stage_name: str
@@ -49,11 +51,22 @@ class Run:
 
 @dataclass(frozen=True, slots=True)
 class Records:
-    """An entry's records three ways: all (by ts), plausible-clock ones, and fixes."""
+    """An entry's records as detection reads them.
+
+    ``all`` and ``plausible`` (clock plausible) are sorted by ts, ``fixes`` are the
+    plausible ones with a fix, ``by_received`` is every record by reception time and
+    ``gaps`` its consecutive pairs at least ``offline_after_s`` apart,
+    ``nonfix`` the index spans of consecutive non-fixes in ``plausible`` and ``signals``
+    the alert kinds some record showed (the others need no scan).
+    """
 
     all: Sequence[Position]
     plausible: Sequence[Position]
     fixes: Sequence[Position]
+    by_received: Sequence[Position]
+    gaps: Sequence[tuple[Position, Position]]
+    nonfix: Sequence[Sequence[int]]
+    signals: frozenset[str]
 
 
 def detect(
@@ -66,9 +79,10 @@ def detect(
 ) -> list[Anomaly]:
     """Every anomaly of the entry, one per (device, kind, started_at), sorted by start."""
     found: list[Found] = []
-    found += _signals(records.plausible, rules)
+    if records.signals:
+        found += _signals(records.plausible, records.signals, rules)
     if len(records.plausible) != len(records.all):
-        found += _clock(records.all)
+        found += _clock(records.by_received)
     if runs:
         found += _running(records, runs, rules, now_ms)
     out: dict[tuple[str, int], Anomaly] = {}
@@ -136,36 +150,34 @@ def _io_state(
     return state
 
 
-def _signals(by_ts: Sequence[Position], rules: Rules) -> list[Found]:
-    """SOS, crash and the IO alerts; each first checks cheaply whether it ever shows."""
+def _signals(by_ts: Sequence[Position], signals: frozenset[str], rules: Rules) -> list[Found]:
+    """SOS, crash and the IO alerts, each only if some record ever showed it."""
     found: list[Found] = []
-    if any(r.priority == 2 for r in by_ts):
+    if "sos" in signals:
         for episode in episodes(by_ts, lambda r: r.priority == 2):
             found.append(("sos", "critical", episode, {}))
-    if any(r.io.get(IO_CRASH) == 1 for r in by_ts if r.io):
+    if "crash" in signals:
         for episode in episodes(by_ts, _io_state(IO_CRASH, lambda v: v == 1, keep=False)):
             found.append(("crash", "critical", episode, {}))
-    found += _io_signals(by_ts, rules)
+    found += _io_signals(by_ts, signals, rules)
     return found
 
 
-def _io_signals(by_ts: Sequence[Position], rules: Rules) -> list[Found]:
+def _io_signals(by_ts: Sequence[Position], signals: frozenset[str], rules: Rules) -> list[Found]:
     """Alerts whose IO keeps its state when absent: only records carrying it matter."""
     found: list[Found] = []
     pct = rules.low_battery_pct
-    battery = [r for r in by_ts if IO_BATTERY in r.io]
-    if any(isinstance(v := r.io[IO_BATTERY], int) and v < pct for r in battery):
+    if "low_battery" in signals:
+        battery = [r for r in by_ts if IO_BATTERY in r.io]
         low = _io_state(IO_BATTERY, lambda v: v < pct, keep=True)
         for episode in episodes(battery, low):
             details = {"battery_pct": episode[2].io[IO_BATTERY]}
             found.append(("low_battery", "warning", episode, details))
-    power = [r for r in by_ts if r.io.get(IO_POWER_CUT) == 1]
-    if power:
+    if "power_cut" in signals:
         cut = [r for r in by_ts if IO_POWER_CUT in r.io]
         for episode in episodes(cut, _io_state(IO_POWER_CUT, lambda v: v == 1, keep=True)):
             found.append(("power_cut", "warning", episode, {}))
-    jamming = [r for r in by_ts if r.io.get(IO_JAMMING) in (1, 2)]
-    if jamming:
+    if "gnss_jamming" in signals:
         jam = [r for r in by_ts if IO_JAMMING in r.io]
         for episode in episodes(jam, _io_state(IO_JAMMING, lambda v: v in (1, 2), keep=True)):
             found.append(("gnss_jamming", _jamming_severity(jam, episode), episode, {}))
@@ -181,11 +193,10 @@ def _jamming_severity(by_ts: Sequence[Position], episode: Episode) -> str:
     return "warning"
 
 
-def _clock(records: Sequence[Position]) -> list[Found]:
+def _clock(by_received: Sequence[Position]) -> list[Found]:
     """Implausible record times, in order of reception (their own times are unusable)."""
-    ordered = sorted(records, key=lambda r: (r.received_at, r.ts))
     found: list[Found] = []
-    for episode in episodes(ordered, lambda r: not clock_ok(r), time=lambda r: r.received_at):
+    for episode in episodes(by_received, lambda r: not clock_ok(r), time=lambda r: r.received_at):
         found.append(("clock", "warning", episode, {"record_ts_ms": episode[2].ts}))
     return found
 
@@ -210,40 +221,59 @@ def _running(
                 found.append(
                     ("forbidden_zone", "warning", (passage.enter.ts, end, record), details)
                 )
-    found += _offline(records.all, runs, rules, now_ms)
-    if len(records.fixes) != len(records.plausible):
-        found += _no_fix(records.plausible, records.fixes, runs)
+    found += _offline(records, runs, rules, now_ms)
+    if records.nonfix:
+        found += _no_fix(records.plausible, records.nonfix, runs)
     return found
 
 
+def _ts(record: Position) -> int:
+    return record.ts
+
+
 def _nearest(fixes: Sequence[Position], ts: int) -> Position | None:
-    after = [f for f in fixes if f.ts >= ts]
-    return after[0] if after else (fixes[-1] if fixes else None)
+    """The first fix at or after ``ts``, else the last fix."""
+    index = bisect.bisect_left(fixes, ts, key=_ts)
+    if index < len(fixes):
+        return fixes[index]
+    return fixes[-1] if fixes else None
+
+
+def _window(records: Sequence[Position], start: int, end: int | None) -> tuple[int, int]:
+    """Index range [first, stop) of the records with start <= ts < end."""
+    first = bisect.bisect_left(records, start, key=_ts)
+    stop = len(records) if end is None else bisect.bisect_left(records, end, key=_ts)
+    return first, stop
 
 
 def _stopped(run: Run, rules: Rules) -> list[Found]:
-    fixes = [f for f in run.fixes if run.covers(f.ts)]
+    """Slow spans (speed < 5 km/h) inside the run lasting ``stopped_alert_s``."""
     found: list[Found] = []
-    if not any(f.speed < STOPPED_BELOW_KMH for f in fixes):
-        return found
-    for start, end, record, last in spans(fixes, lambda f: f.speed < STOPPED_BELOW_KMH):
-        if last - start >= rules.stopped_alert_s * 1000:
-            found.append(("stopped", "warning", (start, end, record), {}))
+    fixes = run.fixes
+    first, stop = _window(fixes, run.start, run.end)
+    limit = rules.stopped_alert_s * 1000
+    for low, high in run.slow:
+        a = max(low, first)
+        b = min(high, stop - 1)
+        if a > b or fixes[b].ts - fixes[a].ts < limit:
+            continue
+        ended = fixes[high + 1].ts if high + 1 < stop else None
+        found.append(("stopped", "warning", (fixes[a].ts, ended, fixes[a]), {}))
     return found
 
 
 def _offline(
-    records: Sequence[Position], runs: Sequence[Run], rules: Rules, now_ms: int | None
+    records: Records, runs: Sequence[Run], rules: Rules, now_ms: int | None
 ) -> list[Found]:
     """Gaps in reception while running; live, also the silence up to ``now``."""
     limit = rules.offline_after_s * 1000
-    ordered = sorted(records, key=lambda r: (r.received_at, r.ts))
+    by_received = records.by_received
     found: list[Found] = []
-    for a, b in itertools.pairwise(ordered):
-        if b.received_at - a.received_at >= limit and any(run.covers(a.ts) for run in runs):
+    for a, b in records.gaps:
+        if any(run.covers(a.ts) for run in runs):
             found.append(("offline", "warning", (a.received_at, b.received_at, a), {}))
-    if ordered and now_ms is not None:
-        last = ordered[-1]
+    if by_received and now_ms is not None:
+        last = by_received[-1]
         live = any(run.running_now and run.covers(last.ts) for run in runs)
         if live and now_ms - last.received_at >= limit:
             found.append(("offline", "warning", (last.received_at, None, last), {}))
@@ -251,16 +281,37 @@ def _offline(
 
 
 def _no_fix(
-    by_ts: Sequence[Position], fixes: Sequence[Position], runs: Sequence[Run]
+    plausible: Sequence[Position], nonfix: Sequence[Sequence[int]], runs: Sequence[Run]
 ) -> list[Found]:
-    """Only non-fixes for 60 s while running."""
-    fix_ids = {id(f) for f in fixes}
-
-    def state(record: Position) -> bool:
-        return id(record) not in fix_ids and any(run.covers(record.ts) for run in runs)
-
+    """Only non-fixes for 60 s while running (the runs' union, in ts order)."""
+    windows = _union((run.start, run.end) for run in runs)
     found: list[Found] = []
-    for start, end, record, last in spans(by_ts, state):
-        if last - start >= NO_FIX_AFTER_MS:
-            found.append(("no_fix", "warning", (start, end, record), {}))
+    for low, high in nonfix:
+        pieces: list[list[int]] = []
+        for start, end in windows:
+            first, stop = _window(plausible, start, end)
+            a, b = max(low, first), min(high, stop - 1)
+            if a > b:
+                continue
+            if pieces and pieces[-1][1] == a - 1:
+                pieces[-1][1] = b  # no record between: the same episode
+            else:
+                pieces.append([a, b])
+        for a, b in pieces:
+            if plausible[b].ts - plausible[a].ts >= NO_FIX_AFTER_MS:
+                ended = plausible[b + 1].ts if b + 1 < len(plausible) else None
+                found.append(("no_fix", "warning", (plausible[a].ts, ended, plausible[a]), {}))
     return found
+
+
+def _union(windows: Iterable[tuple[int, int | None]]) -> list[tuple[int, int | None]]:
+    """Merge overlapping or touching [start, end) windows (end None = open)."""
+    out: list[tuple[int, int | None]] = []
+    for start, end in sorted(windows, key=lambda w: w[0]):
+        if out and (out[-1][1] is None or start <= out[-1][1]):
+            last_start, last_end = out[-1]
+            merged = None if end is None or last_end is None else max(end, last_end)
+            out[-1] = (last_start, merged)
+        else:
+            out.append((start, end))
+    return out

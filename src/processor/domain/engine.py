@@ -8,19 +8,12 @@ gives exactly :func:`evaluate` over their union. Neither reads a clock: ``now`` 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from processor.domain.anomalies import Records, Run, detect
+from processor.domain.anomalies import Run, detect
 from processor.domain.compiled import CourseIndex
-from processor.domain.fixes import (
-    MAX_CLOCK_AHEAD_MS,
-    MIN_PLAUSIBLE_TS,
-    clock_ok,
-    has_fix,
-    remove_spikes,
-)
+from processor.domain.fixes import MAX_CLOCK_AHEAD_MS, MIN_PLAUSIBLE_TS
 from processor.domain.model import Course, Entry, Id, Position
 from processor.domain.ranking import overall, rank_stage
 from processor.domain.rows import (
@@ -32,6 +25,7 @@ from processor.domain.rows import (
     TimingRecord,
 )
 from processor.domain.stage import StageOutcome, evaluate_stage
+from processor.domain.track import EntryTrack
 
 __all__ = [
     "Anomaly",
@@ -56,16 +50,61 @@ class EntryOutcome:
 
 
 @dataclass(slots=True)
+class EntryState:
+    """One entry's records by ``ts`` (one canonical record per ts) and its ready track."""
+
+    entry: Entry
+    records: dict[int, Position] = field(default_factory=dict)
+    pending: set[int] = field(default_factory=set)
+    rebuild: bool = False
+    track: EntryTrack | None = None
+
+    def put(self, position: Position) -> bool:
+        """Keep a record unless a canonical duplicate is already held; whether it changed."""
+        records = self.records
+        ts = position.ts
+        current = records.get(ts)
+        if current is not None and _canonical(current) <= _canonical(position):
+            return False
+        records[ts] = position
+        if current is not None and ts not in self.pending:
+            self.rebuild = True  # a held record changed: start again
+        self.pending.add(ts)
+        return True
+
+    def ready(self, index: CourseIndex) -> EntryTrack:
+        """The track with every record in: extended when the new ones are all newer than
+        what it holds, else rebuilt from all records."""
+        track = self.track
+        if track is None or self.rebuild or (self.pending and min(self.pending) <= track.last_ts):
+            track = self.track = EntryTrack.open(index.plans, index.course.rules)
+            new = sorted(self.records)
+        else:
+            new = sorted(self.pending)
+        records = self.records
+        track.extend([records[ts] for ts in new])
+        self.pending = set()
+        self.rebuild = False
+        return track
+
+
+@dataclass(slots=True)
 class _Store:
-    """Per entry, its in-scope records by ``ts`` (one canonical record per ts)."""
+    """Every entry's state; routes positions to the entries that own them."""
 
     index: CourseIndex
-    records: dict[Id, dict[int, Position]] = field(default_factory=dict)
+    states: dict[Id, EntryState]
+
+    @classmethod
+    def open(cls, index: CourseIndex) -> _Store:
+        """Empty states for every entry of the course."""
+        return cls(index, {entry.id: EntryState(entry) for entry in index.course.entries})
 
     def add(self, positions: Iterable[Position]) -> set[Id]:
         """Store positions; the ids of entries whose record set changed."""
         by_imei = self.index.by_imei
         in_scope = self.index.in_scope
+        states = self.states
         changed: set[Id] = set()
         for position in positions:
             entries = by_imei.get(position.imei)
@@ -77,17 +116,9 @@ class _Store:
             if not in_scope(when):
                 continue
             for entry in entries:
-                if entry.owns(when) and self._put(entry.id, position):
+                if entry.owns(when) and states[entry.id].put(position):
                     changed.add(entry.id)
         return changed
-
-    def _put(self, entry_id: Id, position: Position) -> bool:
-        own = self.records.setdefault(entry_id, {})
-        current = own.get(position.ts)
-        if current is None or _canonical(position) < _canonical(current):
-            own[position.ts] = position
-            return current is None or current != position
-        return False
 
 
 def _canonical(position: Position) -> tuple[object, ...]:
@@ -113,47 +144,45 @@ def _canonical(position: Position) -> tuple[object, ...]:
 
 
 def evaluate_entry(
-    index: CourseIndex,
-    entry: Entry,
-    records: Mapping[int, Position],
-    now_ms: int | None,
-    source: str,
+    index: CourseIndex, state: EntryState, now_ms: int | None, source: str
 ) -> EntryOutcome:
     """Evaluate one entry on every stage and detect its anomalies."""
-    ordered = [records[ts] for ts in sorted(records)]
-    plausible = [r for r in ordered if clock_ok(r)]
-    fixes = [r for r in plausible if has_fix(r)]
+    track = state.ready(index)
+    entry = state.entry
     rules = index.course.rules
     event_id = index.course.event.id
     stages: dict[Id, StageOutcome] = {}
     runs: list[Run] = []
-    for plan in index.plans:
-        stage = plan.stage
-        lo = -math.inf if stage.opens_at is None else stage.opens_at
-        hi = math.inf if stage.closes_at is None else stage.closes_at
-        window = [f for f in fixes if lo <= f.ts <= hi]
-        clean, spikes = remove_spikes(window, rules.max_speed_kmh)
-        received = [r.received_at for r in plausible if lo <= r.ts <= hi]
-        closed = stage.closed_at(now_ms)
-        outcome = evaluate_stage(
-            plan,
-            entry,
-            rules,
-            clean,
-            closed=closed,
-            updated_at=max(received, default=None),
-            source=source,
-            event_id=event_id,
-        )
-        stages[stage.id] = outcome
-        if outcome.running is not None:
-            start, end = outcome.running
-            running_now = outcome.result.status == "running"
-            runs.append(
-                Run(start, end, stage.kind == "special", running_now, clean, spikes,
-                    outcome.forbidden, stage.name)
-            )  # fmt: skip
-    anomalies = detect(entry, Records(ordered, plausible, fixes), runs, rules, now_ms, event_id)
+    views = []
+    try:
+        for plan, stage_track in zip(index.plans, track.stages, strict=True):
+            stage = plan.stage
+            clean, scanned, slow = stage_track.view()
+            views.append(stage_track)
+            outcome = evaluate_stage(
+                plan,
+                entry,
+                rules,
+                clean,
+                scanned,
+                closed=stage.closed_at(now_ms),
+                updated_at=stage_track.updated_at,
+                source=source,
+                event_id=event_id,
+                memo=stage_track.memo,
+            )
+            stages[stage.id] = outcome
+            if outcome.running is not None:
+                start, end = outcome.running
+                running_now = outcome.result.status == "running"
+                runs.append(
+                    Run(start, end, stage.kind == "special", running_now, clean, slow,
+                        stage_track.spikes, outcome.forbidden, stage.name)
+                )  # fmt: skip
+        anomalies = detect(entry, track.records(), runs, rules, now_ms, event_id)
+    finally:
+        for stage_track in views:
+            stage_track.close()
     return EntryOutcome(stages, tuple(anomalies))
 
 
@@ -224,11 +253,11 @@ def evaluate(
     and silent running devices are ``offline``; None evaluates from the data alone.
     """
     index = CourseIndex.build(course)
-    store = _Store(index)
+    store = _Store.open(index)
     store.add(positions)
     outcomes = {
-        entry.id: evaluate_entry(index, entry, store.records.get(entry.id, {}), now_ms, source)
-        for entry in course.entries
+        entry_id: evaluate_entry(index, state, now_ms, source)
+        for entry_id, state in store.states.items()
     }
     return assemble(index, outcomes)
 
@@ -244,13 +273,13 @@ class LiveEngine:
 
     def __init__(self, course: Course, *, source: str = "live") -> None:
         self._index = CourseIndex.build(course)
-        self._store = _Store(self._index)
+        self._store = _Store.open(self._index)
         self._source = source
         self._now: int | None = None
         self._entries = {entry.id: entry for entry in course.entries}
         self._outcomes = {
-            entry.id: evaluate_entry(self._index, entry, {}, None, source)
-            for entry in course.entries
+            entry_id: evaluate_entry(self._index, state, None, source)
+            for entry_id, state in self._store.states.items()
         }
         self._ranked = self._rank_all()
 
@@ -290,9 +319,7 @@ class LiveEngine:
         for entry_id in sorted(entry_ids, key=lambda e: self._entries[e].number):
             entry = self._entries[entry_id]
             old = self._outcomes[entry_id]
-            new = evaluate_entry(
-                self._index, entry, self._store.records.get(entry_id, {}), self._now, self._source
-            )
+            new = evaluate_entry(self._index, self._store.states[entry_id], self._now, self._source)
             self._outcomes[entry_id] = new
             affected |= _changes(entry, old, new, self._index)
         if affected:

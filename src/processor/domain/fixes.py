@@ -12,7 +12,7 @@ from processor.domain.model import Position
 MIN_PLAUSIBLE_TS: Final = 1_262_304_000_000  # 2010-01-01T00:00:00Z
 MAX_CLOCK_AHEAD_MS: Final = 300_000
 IO_GNSS_STATUS: Final = 69
-_RAD: Final = math.pi / 180.0
+_HALF_RAD: Final = math.pi / 360.0
 
 
 def clock_ok(position: Position) -> bool:
@@ -43,32 +43,34 @@ def remove_spikes(
 
     Fix *i* is a spike when the speeds from the last kept fix to *i* and from *i* to
     fix *i+1* both exceed the limit while the speed from the last kept fix to *i+1*
-    does not. A jump that the next fix confirms fails the last test and is kept.
+    does not. A jump that the next fix confirms fails the last test and is kept. The
+    newest fix has no successor yet and is kept.
     """
-    limit = max_speed_kmh / 3.6 / 1000.0  # metres per millisecond
     kept: list[Position] = []
     spikes: list[Position] = []
-    last = len(fixes) - 1
-    # The first test inlined (it runs for every fix): squared degrees against the limit.
-    k = _RAD / 2
-    per_deg2 = (limit / M_PER_DEG) ** 2
-    prev = None
     for i, fix in enumerate(fixes):
-        if prev is not None and i < last:
-            dlat = fix.lat - prev.lat
-            dlon = (fix.lon - prev.lon) * math.cos((fix.lat + prev.lat) * k)
-            dt = fix.ts - prev.ts
-            fast = dlat * dlat + dlon * dlon > per_deg2 * dt * dt
+        if kept and i + 1 < len(fixes) and spike(kept[-1], fix, fixes[i + 1], max_speed_kmh):
+            spikes.append(fix)
         else:
-            fast = False
-        if fast and prev is not None and _too_fast(prev, fix, limit):
-            after = fixes[i + 1]
-            if _too_fast(fix, after, limit) and not _too_fast(kept[-1], after, limit):
-                spikes.append(fix)
-                continue
-        kept.append(fix)
-        prev = fix
+            kept.append(fix)
     return kept, spikes
+
+
+def spike(before: Position, fix: Position, after: Position, max_speed_kmh: float) -> bool:
+    """Whether ``fix`` is a spike between the last kept fix and the next fix."""
+    limit = max_speed_kmh / 3.6 / 1000.0  # metres per millisecond
+    # A cheap first test (it runs for every fix): squared degrees, no wrap at ±180°
+    # (which only overestimates, so a fix it passes is never too fast).
+    dlat = fix.lat - before.lat
+    dlon = (fix.lon - before.lon) * math.cos((fix.lat + before.lat) * _HALF_RAD)
+    dt = fix.ts - before.ts
+    if dlat * dlat + dlon * dlon <= (limit / M_PER_DEG) ** 2 * dt * dt:
+        return False
+    return (
+        _too_fast(before, fix, limit)
+        and _too_fast(fix, after, limit)
+        and not _too_fast(before, after, limit)
+    )
 
 
 def _too_fast(a: Position, b: Position, limit_m_per_ms: float) -> bool:

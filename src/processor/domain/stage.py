@@ -6,13 +6,14 @@ removed); the output is that entry-stage's timing records, penalties and unranke
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from processor.domain.compiled import CELLS_PER_DEGREE, Shape, StagePlan, candidates
+from processor.domain.compiled import CELLS_PER_DEGREE, Shape, StagePlan, candidates, cell_of
 from processor.domain.geometry import circle_visit, gate_fraction
 from processor.domain.model import Entry, Position, Rules
 from processor.domain.rows import Penalty, StageResult, TimingRecord
@@ -26,6 +27,13 @@ class Crossing:
     before_ts: int
     after_ts: int
     speed_kmh: float
+
+
+# Gate crossings by shape order, and candidate segment indexes by shape order.
+Scan = tuple[dict[int, list["Crossing"]], dict[int, list[int]]]
+# A segment against a zone: (s where a piece starts, whether the piece is inside).
+Pieces = tuple[tuple[float, bool], ...]
+Memo = dict[tuple[int, int, int], Pieces]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +63,13 @@ class _Context:
     fixes: Sequence[Position]
     source: str
     event_id: Any
+    memo: Memo
     records: list[TimingRecord] = field(default_factory=list)
     penalties: list[Penalty] = field(default_factory=list)
+
+
+def _ts(fix: Position) -> int:
+    return fix.ts
 
 
 def round_ms(value: float) -> int:
@@ -69,15 +82,19 @@ def evaluate_stage(
     entry: Entry,
     rules: Rules,
     fixes: Sequence[Position],
+    scanned: Scan,
     *,
     closed: bool,
     updated_at: int | None,
     source: str,
     event_id: Any,
+    memo: Memo | None = None,
 ) -> StageOutcome:
-    """Evaluate an entry on a stage from its clean fixes in the stage window."""
-    ctx = _Context(plan, entry, rules, fixes, source, event_id)
-    crossings, others = _scan(ctx)
+    """Evaluate an entry on a stage from its clean fixes in the stage window and their
+    scan (:func:`scan_segment` over every segment fixes[i]→fixes[i+1]). ``memo`` keeps
+    zone :func:`partition` results between calls."""
+    ctx = _Context(plan, entry, rules, fixes, source, event_id, {} if memo is None else memo)
+    crossings, others = scanned
     passes = {order: _passes(found, rules.rearm_s) for order, found in crossings.items()}
     for shape in plan.gates:
         for number, crossing in enumerate(passes.get(shape.order, []), start=1):
@@ -95,51 +112,50 @@ def evaluate_stage(
     return StageOutcome(tuple(ctx.records), tuple(ctx.penalties), result, running, tuple(forbidden))
 
 
-def _scan(ctx: _Context) -> tuple[dict[int, list[Crossing]], dict[int, list[int]]]:
-    """One pass over the segments: gate crossings, and which segments may touch the others.
-
-    ``others`` maps a waypoint or zone to the indexes ``i`` of segments fixes[i]→fixes[i+1]
-    whose bounding box meets it; ``-1 - i`` marks a lone fix ``i`` (no usable segment).
-    """
-    fixes = ctx.fixes
-    plan = ctx.plan
-    crossings: dict[int, list[Crossing]] = {}
-    others: dict[int, list[int]] = {}
-    if not plan.shapes or not fixes:
-        return crossings, others
-    per = CELLS_PER_DEGREE
-    cells = [(math.floor(f.lon * per), math.floor(f.lat * per)) for f in fixes]
-    grid = plan.grid
-    everywhere = plan.everywhere
-    for i in range(len(fixes) - 1):
-        c1 = cells[i]
-        c2 = cells[i + 1]
-        found = grid.get(c1, everywhere) if c1 == c2 else candidates(plan, c1, c2)
-        if not found:
+def scan_segment(
+    plan: StagePlan,
+    p1: Position,
+    p2: Position,
+    cells: tuple[tuple[int, int], tuple[int, int]],
+    i: int,
+    scanned: Scan,
+) -> None:
+    """Add segment ``i`` (P1→P2, ends in grid ``cells``) to a scan: its gate crossings, and
+    its index under each waypoint or zone whose bounding box it meets."""
+    c1, c2 = cells
+    found = plan.grid.get(c1, plan.everywhere) if c1 == c2 else candidates(plan, c1, c2)
+    if not found:
+        return
+    crossings, others = scanned
+    lo_lat, hi_lat = (p1.lat, p2.lat) if p1.lat <= p2.lat else (p2.lat, p1.lat)
+    lo_lon, hi_lon = (p1.lon, p2.lon) if p1.lon <= p2.lon else (p2.lon, p1.lon)
+    for shape in found:
+        if (
+            hi_lat < shape.min_lat
+            or lo_lat > shape.max_lat
+            or hi_lon < shape.min_lon
+            or lo_lon > shape.max_lon
+        ):
             continue
-        p1 = fixes[i]
-        p2 = fixes[i + 1]
-        lo_lat, hi_lat = (p1.lat, p2.lat) if p1.lat <= p2.lat else (p2.lat, p1.lat)
-        lo_lon, hi_lon = (p1.lon, p2.lon) if p1.lon <= p2.lon else (p2.lon, p1.lon)
-        for shape in found:
-            if (
-                hi_lat < shape.min_lat
-                or lo_lat > shape.max_lat
-                or hi_lon < shape.min_lon
-                or lo_lon > shape.max_lon
-            ):
-                continue
-            if shape.polygon is None and shape.radius == 0.0:
-                crossing = _gate_crossing(shape, p1, p2)
-                if crossing is not None:
-                    crossings.setdefault(shape.order, []).append(crossing)
-            else:
-                others.setdefault(shape.order, []).append(i)
-    if len(fixes) == 1:
-        for shape in candidates(plan, cells[0], cells[0]):
-            if shape.radius > 0.0:
-                others.setdefault(shape.order, []).append(-1)
-    return crossings, others
+        if shape.polygon is None and shape.radius == 0.0:
+            crossing = _gate_crossing(shape, p1, p2)
+            if crossing is not None:
+                crossings.setdefault(shape.order, []).append(crossing)
+        else:
+            others.setdefault(shape.order, []).append(i)
+
+
+def scan_lone_fix(plan: StagePlan, fix: Position, scanned: Scan) -> None:
+    """A track of one fix: it may still be inside a waypoint circle (marked ``-1``)."""
+    cell = cell_of(fix.lat, fix.lon)
+    for shape in candidates(plan, cell, cell):
+        if shape.radius > 0.0:
+            scanned[1].setdefault(shape.order, []).append(-1)
+
+
+def cell_key(fix: Position) -> tuple[int, int]:
+    """The grid cell of a fix."""
+    return (math.floor(fix.lon * CELLS_PER_DEGREE), math.floor(fix.lat * CELLS_PER_DEGREE))
 
 
 def _gate_crossing(shape: Shape, p1: Position, p2: Position) -> Crossing | None:
@@ -354,9 +370,7 @@ def _passages(
     ctx: _Context, shape: Shape, indexes: list[int], start: int, end: int | None
 ) -> list[Passage]:
     """Zone passages in the window; re-entries within ``rearm_s`` continue the passage."""
-    assert shape.polygon is not None
-    polygon = shape.polygon
-    plane = shape.plane
+    memo = ctx.memo
     fixes = ctx.fixes
     found: list[Passage] = []
     enter: Crossing | None = None
@@ -371,16 +385,11 @@ def _passages(
             found.append(Passage(enter, _interpolate(fixes[previous], fixes[previous + 1], 1.0)))
             enter = None
         previous = i
-        xy1 = plane.xy(p1.lat, p1.lon)
-        xy2 = plane.xy(p2.lat, p2.lon)
-        cuts = [window[0]]
-        cuts += [s for s in polygon.boundary_params(xy1, xy2) if window[0] < s < window[1]]
-        cuts.append(window[1])
-        for a, b in itertools.pairwise(cuts):
-            mid = (a + b) / 2
-            x = xy1[0] + mid * (xy2[0] - xy1[0])
-            y = xy1[1] + mid * (xy2[1] - xy1[1])
-            inside = polygon.contains(x, y)
+        key = (shape.order, p1.ts, p2.ts)
+        pieces = memo.get(key)
+        if pieces is None:
+            pieces = memo[key] = partition(shape, p1, p2)
+        for a, inside in _clip_pieces(pieces, window[0], window[1]):
             if inside and enter is None:
                 enter = _interpolate(p1, p2, a)
             elif not inside and enter is not None:
@@ -389,6 +398,37 @@ def _passages(
     if enter is not None:
         found.append(Passage(enter, None))
     return _merge(found, ctx.rules.rearm_s * 1000)
+
+
+def partition(shape: Shape, p1: Position, p2: Position) -> Pieces:
+    """Segment P1→P2 against a zone: the ``s`` where each inside/outside piece starts."""
+    assert shape.polygon is not None
+    polygon = shape.polygon
+    xy1 = shape.plane.xy(p1.lat, p1.lon)
+    xy2 = shape.plane.xy(p2.lat, p2.lon)
+    cuts = [0.0, *(s for s in polygon.boundary_params(xy1, xy2) if 0.0 < s < 1.0), 1.0]
+    pieces: list[tuple[float, bool]] = []
+    for a, b in itertools.pairwise(cuts):
+        if b <= a:
+            continue
+        mid = (a + b) / 2
+        inside = polygon.contains(
+            xy1[0] + mid * (xy2[0] - xy1[0]), xy1[1] + mid * (xy2[1] - xy1[1])
+        )
+        if not pieces or pieces[-1][1] != inside:
+            pieces.append((a, inside))
+    return tuple(pieces)
+
+
+def _clip_pieces(pieces: Pieces, s_lo: float, s_hi: float) -> list[tuple[float, bool]]:
+    """The pieces met on [s_lo, s_hi], each with where it starts inside that range."""
+    out: list[tuple[float, bool]] = []
+    for k, (a, inside) in enumerate(pieces):
+        b = pieces[k + 1][0] if k + 1 < len(pieces) else 1.0
+        if b < s_lo or a > s_hi or (b == s_lo and k + 1 < len(pieces)):
+            continue
+        out.append((max(a, s_lo), inside))
+    return out
 
 
 def _merge(passages: list[Passage], rearm_ms: float) -> list[Passage]:
@@ -411,7 +451,10 @@ def _speeding(ctx: _Context, shape: Shape, number: int, passage: Passage) -> Non
     threshold = limit + ctx.rules.speed_tolerance_kmh
     enter_ts = passage.enter.ts
     exit_ts = passage.exit.ts if passage.exit is not None else None
-    inside = [f for f in ctx.fixes if f.ts >= enter_ts and (exit_ts is None or f.ts <= exit_ts)]
+    fixes = ctx.fixes
+    first = bisect.bisect_left(fixes, enter_ts, key=_ts)
+    stop = len(fixes) if exit_ts is None else bisect.bisect_right(fixes, exit_ts, key=_ts)
+    inside = fixes[first:stop]
     over = [f for f in inside if f.speed > threshold]
     if not over or over[-1].ts - over[0].ts < ctx.rules.speed_zone_min_duration_s * 1000:
         return
