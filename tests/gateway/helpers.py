@@ -17,7 +17,8 @@ def ws_url(gateway: Gateway) -> str:
 
 
 async def open_client(gateway: Gateway, **kwargs: Any) -> ClientConnection:
-    return await connect(ws_url(gateway), compression=None, **kwargs)
+    """A client as browsers are: offering permessage-deflate (unless told otherwise)."""
+    return await connect(ws_url(gateway), **kwargs)
 
 
 async def open_tiny_client(gateway: Gateway) -> ClientConnection:
@@ -26,7 +27,7 @@ async def open_tiny_client(gateway: Gateway) -> ClientConnection:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", gateway.port))
     sock.setblocking(False)
-    return await connect(ws_url(gateway), sock=sock, compression=None, max_queue=1)
+    return await connect(ws_url(gateway), sock=sock, max_queue=1, compression=None)
 
 
 async def recv_json(ws: ClientConnection, wait_s: float = 5.0) -> dict[str, Any]:

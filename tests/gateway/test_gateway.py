@@ -56,11 +56,12 @@ async def test_subscriber_gets_snapshot_then_every_update_in_order(
     assert all(u["published_at"] > 0 for u in updates)
 
 
-async def test_two_gateway_instances_deliver_the_same_sequence(
+async def test_two_gateway_instances_deliver_the_same_sequence_compressed_or_not(
     start_gateway: GatewayFactory, publisher: LivePublisher
 ) -> None:
     first, second = await start_gateway(), await start_gateway()
-    async with await open_client(first) as a, await open_client(second) as b:
+    plain, deflate = open_client(first, compression=None), open_client(second)
+    async with await plain as a, await deflate as b:
         assert (await subscribe(a, "event:3:standings"))["seq"] == 0
         assert (await subscribe(b, "event:3:standings"))["seq"] == 0
         for version in range(10):

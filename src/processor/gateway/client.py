@@ -14,6 +14,8 @@ import contextlib
 
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
+from websockets.extensions.permessage_deflate import PerMessageDeflate
+from websockets.protocol import State
 
 from processor.gateway import metrics
 from processor.gateway.coalesce import Outbox
@@ -32,6 +34,7 @@ class Client:
         self.channels: set[str] = set()
         self.kicked = False
         self._write_limit = write_limit
+        self.window_bits = negotiated_window_bits(ws)
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
 
@@ -40,9 +43,19 @@ class Client:
         if self._writer is not None or self.outbox or self.kicked:
             return False
         transport = self.ws.transport
-        return not transport.is_closing() and (
-            transport.get_write_buffer_size() < self._write_limit
+        return (
+            self.ws.protocol.state is State.OPEN
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() < self._write_limit
         )
+
+    def write_update(self, update: Update) -> None:
+        """Write an update's shared frame straight to the socket (caller checked caught_up).
+
+        Bypasses the connection's per-message encoder on purpose: the frame bytes are
+        the same for every client with the same compression window.
+        """
+        self.ws.transport.write(update.wire(self.window_bits))
 
     def send_frame(self, channel: str, frame: bytes, *, snapshot: bool = False) -> None:
         """Send a control or snapshot frame in order with the channel's updates."""
@@ -101,6 +114,16 @@ class Client:
         # A close frame cannot get through a full buffer: abort the socket if it is stuck.
         self._closer = loop.create_task(_close_quietly(self.ws))
         loop.call_later(ABORT_AFTER_S, self.ws.transport.abort)
+
+
+def negotiated_window_bits(ws: ServerConnection) -> int:
+    """The compression window the client accepted for our messages; 0 for none."""
+    for extension in ws.protocol.extensions:
+        if isinstance(extension, PerMessageDeflate):
+            # The server factory always imposes no context takeover (see server.py).
+            assert extension.local_no_context_takeover
+            return int(extension.local_max_window_bits or 15)
+    return 0
 
 
 def write_direct(connections: list[ServerConnection], frame: bytes) -> None:

@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from processor.adapters.live import ChannelKind, LiveKeys, channel_kind
 from processor.gateway import metrics
-from processor.gateway.client import Client, write_direct
+from processor.gateway.client import Client
 from processor.gateway.state import ChannelState, Update, new_state, parse_update
 from processor.logs import get_logger
 
@@ -145,14 +145,14 @@ class Hub:
         self._fan_out(update)
 
     def _fan_out(self, update: Update) -> None:
-        direct = []
+        direct = 0
         for client in self._subscribers.get(update.channel, ()):
             if client.caught_up():
-                direct.append(client.ws)
+                client.write_update(update)
+                direct += 1
             else:
                 client.queue(update)
-        if direct:
-            write_direct(direct, update.frame)
+        metrics.FRAMES_SENT.labels("direct").inc(direct)
         metrics.PUBLISH_DELAY.observe(max(0.0, time.time() - update.published_at / 1000))
 
     def _reload(self, channel: str) -> None:

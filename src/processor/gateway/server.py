@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.extensions.base import ServerExtensionFactory
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request as HttpRequest
 from websockets.http11 import Response
 from websockets.typing import Origin
@@ -42,6 +44,8 @@ log = get_logger("gateway")
 
 WS_PATH = "/ws"
 CLOSE_TIMEOUT_S = 2.0
+LISTEN_BACKLOG = 4096
+WINDOW_BITS = 12  # the client's inflate window per connection: 4 KiB, ample for JSON rows
 
 
 @dataclass
@@ -87,7 +91,8 @@ class Gateway:
             s.gateway_port,
             origins=[*(Origin(o) for o in allowed), None] if allowed else None,
             process_request=self._process_request,
-            compression=None,  # per-client deflate would cost more CPU than the fan-out
+            compression=None,
+            extensions=_extensions(s.gateway_compression),
             max_size=s.gateway_max_message_bytes,
             max_queue=16,
             write_limit=s.gateway_write_limit_bytes,
@@ -95,6 +100,9 @@ class Gateway:
             ping_timeout=s.gateway_ping_interval_s,
             close_timeout=CLOSE_TIMEOUT_S,
             server_header="processor-gateway",
+            # Reconnect storms (a load balancer failing over) must not overflow the accept
+            # queue: dropped SYNs are retried by clients only after seconds.
+            backlog=LISTEN_BACKLOG,
         )
         log.info("gateway listening", host=s.gateway_host, port=self.port)
 
@@ -207,6 +215,19 @@ class Gateway:
         if expected is None or token is None:
             return False
         return hmac.compare_digest(token.encode(), expected.get_secret_value().encode())
+
+
+def _extensions(compression: bool) -> list[ServerExtensionFactory]:
+    """permessage-deflate without server context takeover, so frames can be shared."""
+    if not compression:
+        return []
+    factory = ServerPerMessageDeflateFactory(
+        server_no_context_takeover=True,
+        server_max_window_bits=WINDOW_BITS,
+        client_max_window_bits=WINDOW_BITS,
+        compress_settings={"memLevel": 5},
+    )
+    return [factory]
 
 
 async def run_gateway(settings: Settings, stop: asyncio.Event) -> None:

@@ -8,13 +8,17 @@ subscribers cost one Redis read.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from websockets.extensions.permessage_deflate import PerMessageDeflate
+from websockets.frames import Frame, Opcode
 
 from processor.adapters.live import ALERTS_KEPT, TRAIL_POINTS, ChannelKind, channel_kind
 from processor.gateway.protocol import encode
+
+DEFLATE_LEVEL = 6  # compressed once per update, not per client: ratio matters more
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,35 @@ class Update:
     published_at: int
     data: Any
     frame: bytes
+    _wire: dict[int, bytes] = field(default_factory=dict, compare=False, repr=False)
+
+    def wire(self, window_bits: int) -> bytes:
+        """The complete WebSocket frame, compressed for ``window_bits`` (0: plain).
+
+        Built once per update and kind of client, then written as is to every caught-up
+        client: compression without context takeover makes each message independent
+        of the connection, so the same compressed bytes are valid for all.
+        """
+        frame = self._wire.get(window_bits)
+        if frame is None:
+            frame = self._wire[window_bits] = wire_frame(self.frame, window_bits)
+        return frame
+
+
+def wire_frame(payload: bytes, window_bits: int) -> bytes:
+    """A final, unmasked text frame; permessage-deflate compressed when ``window_bits``."""
+    frame = Frame(Opcode.TEXT, payload)
+    if not window_bits:
+        return frame.serialize(mask=False)
+    # The library's own encoder, as a connection would use it, minus the connection.
+    deflate = PerMessageDeflate(
+        remote_no_context_takeover=False,
+        local_no_context_takeover=True,
+        remote_max_window_bits=15,
+        local_max_window_bits=window_bits,
+        compress_settings={"level": DEFLATE_LEVEL, "memLevel": 8},
+    )
+    return frame.serialize(mask=False, extensions=[deflate])
 
 
 def parse_update(channel: str, raw: bytes) -> Update:
