@@ -40,8 +40,12 @@ def fix(
         "ts": T0 + t_ms,
         "lat": lat,
         "lon": lon,
+        "alt": 120,
+        "angle": 0,
         "sat": 9,
         "speed": speed,
+        "priority": 0,
+        "event_io": 0,
         "received_at": T0 + t_ms + 500,
         "io": {},
     }

@@ -27,19 +27,23 @@ class CourseError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Position:
-    """One record of a device as stored: time in ms UTC, coordinates in degrees."""
+    """One record of a device as stored: times in ms UTC, coordinates in degrees.
+
+    ``received_at`` is the ingestion time (use ``ts`` when unknown); ``io`` maps IO ids to
+    unsigned integers or raw bytes, as the stream contract delivers them.
+    """
 
     imei: str
     ts: int
     lat: float
     lon: float
-    alt: int = 0
-    angle: int = 0
-    sat: int = 0
-    speed: int = 0
-    priority: int = 0
-    event_io: int = 0
-    received_at: int = 0
+    alt: int
+    angle: int
+    sat: int
+    speed: int
+    priority: int
+    event_io: int
+    received_at: int
     io: Mapping[int, IoValue] = field(default_factory=dict)
 
 
@@ -386,3 +390,35 @@ def unique(values: Iterable[Id], where: str) -> None:
         if value in seen:
             raise CourseError(f"{where}: id {value!r} is used twice")
         seen.add(value)
+
+
+# The output rows live in processor.domain.rows; importable from here as well.
+from processor.domain.rows import (  # noqa: E402 - after Id, which rows mirrors
+    Anomaly,
+    DomainResult,
+    OverallStanding,
+    Penalty,
+    StageResult,
+    TimingRecord,
+)
+
+__all__ = [
+    "Anomaly",
+    "Course",
+    "CourseError",
+    "DomainResult",
+    "Entry",
+    "Event",
+    "Geofence",
+    "Id",
+    "IoValue",
+    "OverallStanding",
+    "Penalty",
+    "Position",
+    "Rules",
+    "SpeedBand",
+    "Stage",
+    "StageResult",
+    "StartTime",
+    "TimingRecord",
+]

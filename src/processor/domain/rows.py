@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from processor.domain.model import Id
+Id = int | str  # as in processor.domain.model (kept here so that model can re-export rows)
 
 
 @dataclass(frozen=True, slots=True)
