@@ -332,7 +332,7 @@ class DomainLive:
             if shard in self.pending_phase and not received.get(shard):
                 self.pending_phase.discard(shard)
         for shard, items in received.items():
-            if shard not in self.runs:
+            if shard not in self.runs or not items:
                 continue
             positions = [p for _, data in items for p in decode_positions(data)]
             await self.process(shard, positions)

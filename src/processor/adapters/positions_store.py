@@ -9,6 +9,7 @@ were really new come back to the caller for attributes, the domain and metrics.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -68,6 +69,7 @@ ON CONFLICT (device_id, ts) DO UPDATE
 SET attributes = EXCLUDED.attributes, mapping_version = EXCLUDED.mapping_version
 """
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 AttributeRow = tuple[int, int, bytes, int]  # device_id, ts ms, attributes JSON, mapping version
 AttributeFn = Callable[[Sequence[Record]], Sequence[AttributeRow]]
 
@@ -102,6 +104,10 @@ def stage_row(record: Record) -> tuple[Any, ...]:
         io_json(record.io),
         record.stream_id,
     )
+
+
+def _attribute_row(row: AttributeRow) -> tuple[int, datetime, bytes, int]:
+    return row[0], EPOCH + timedelta(milliseconds=row[1]), row[2], row[3]
 
 
 def dedupe(records: Sequence[Record]) -> list[Record]:
@@ -165,8 +171,21 @@ class PositionsStore:
         return new
 
     async def _write_attributes(self, conn: asyncpg.Connection, new: list[Record]) -> None:
+        """Attributes of the positions new in this transaction, COPYed straight in.
+
+        A position new to the table has no attributes row yet (both are written in one
+        transaction), so a plain COPY suffices; should one exist all the same (rows left
+        by hand), the savepoint rolls back and the batch is upserted through staging.
+        """
         assert self.attributes is not None
         rows = self.attributes(new)
-        if rows:
+        if not rows:
+            return
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    "position_attributes", records=map(_attribute_row, rows)
+                )
+        except asyncpg.UniqueViolationError:
             await conn.copy_records_to_table("attributes_stage", records=rows)
             await conn.execute(_MOVE_ATTRIBUTES)
