@@ -98,23 +98,33 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200_000)
     parser.add_argument("--max-rows", type=int, default=100_000)
     parser.add_argument("--devices", type=int, default=1_000)
+    parser.add_argument(
+        "--workers",
+        type=lambda text: [int(w) for w in text.split(",")],
+        default=[0, 2],
+        help="decode worker counts to run, comma-separated (0 = in process)",
+    )
     args = parser.parse_args()
 
     entries = make_entries(args.count, devices=args.devices, sentinels=True)
     prefix = f"bench:export:{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(REDIS_URL)
     work = Path(tempfile.mkdtemp(prefix="export-bench-"))
+    rates: dict[int, tuple[float, int]] = {}
     try:
         load_stream(client, f"{prefix}:records", entries)
-        settings = load_settings(
-            redis_url=REDIS_URL,
-            stream=f"{prefix}:records",
-            dead_letter_stream=f"{prefix}:dead",
-            consumer="bench",
-            export_max_rows=args.max_rows,
-            log_level="warning",
-        )
-        rate, files = export_rate(settings, work / "export", args.count)
+        for workers in args.workers:  # one consumer group per run, same pre-loaded stream
+            settings = load_settings(
+                redis_url=REDIS_URL,
+                stream=f"{prefix}:records",
+                dead_letter_stream=f"{prefix}:dead",
+                export_group=f"bench-{workers}",
+                consumer="bench",
+                export_max_rows=args.max_rows,
+                export_workers=workers,
+                log_level="warning",
+            )
+            rates[workers] = export_rate(settings, work / f"export-{workers}", args.count)
         tables_rate, lists_rate = reference_rates(prebuilt_records(entries), args.max_rows, work)
     finally:
         client.delete(f"{prefix}:records", f"{prefix}:dead")
@@ -122,19 +132,21 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"{args.count:,} entries, {args.devices:,} devices, batches of {args.max_rows:,} rows,")
-    print(f"zstd, fsync + rename; export wrote {files} files. Same-run references below.")
-    print_table(
-        ["path", "records/s", "export / this"],
-        [
-            ["export (Redis → decode → Parquet → XACK)", rate, 1.0],
-            ["pyarrow write (tables prebuilt)", tables_rate, rate / tables_rate],
-            ["pyarrow write (column lists prebuilt)", lists_rate, rate / lists_rate],
-        ],
+    print("zstd, fsync + rename. Same-run references below; ratios are export / reference.")
+    rows: list[list[object]] = []
+    for workers, (rate, files) in rates.items():
+        name = f"export, {workers} decode workers" if workers else "export, decoding in process"
+        rows.append([name, rate, files, rate / tables_rate, rate / lists_rate])
+    rows.append(["pyarrow write (tables prebuilt)", tables_rate, "", 1.0, tables_rate / lists_rate])
+    rows.append(
+        ["pyarrow write (column lists prebuilt)", lists_rate, "", lists_rate / tables_rate, 1.0]
     )
+    print_table(["path", "records/s", "files", "/ tables ceiling", "/ column lists"], rows)
+    rate = max(r for r, _ in rates.values())
     ratio = rate / tables_rate
     print(
         f"target ≥ {TARGET_RATE:,} records/s: {'met' if rate >= TARGET_RATE else 'NOT met'}"
-        f" ({rate:,.0f}); target ≥ {TARGET_RATIO} of the prebuilt-tables ceiling:"
+        f" (best {rate:,.0f}); target ≥ {TARGET_RATIO} of the prebuilt-tables ceiling:"
         f" {'met' if ratio >= TARGET_RATIO else 'NOT met'} ({ratio:.2f})"
     )
 

@@ -63,14 +63,18 @@ def rejected_count(reason: str) -> float:
     return value or 0.0
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 async def test_duckdb_reads_back_exactly_the_records_sent(
-    settings: Settings, aredis: aioredis.Redis, tmp_path: Path
+    settings: Settings, aredis: aioredis.Redis, tmp_path: Path, workers: int
 ) -> None:
     sent = entries(3_000, devices=25, span_days=3)
     ids = await xadd_all(aredis, settings.stream, sent)
 
     stats = await run_export(
-        settings_for(settings, export_max_rows=700), tmp_path, burst=True, handle_signals=False
+        settings_for(settings, export_max_rows=700, read_count=250, export_workers=workers),
+        tmp_path,
+        burst=True,
+        handle_signals=False,
     )
 
     expected = sorted((expected_row(i, f) for i, f in zip(ids, sent, strict=True)), key=str)
@@ -200,8 +204,9 @@ async def test_unacknowledged_files_of_another_consumer_are_discarded(
     assert report.rows == 180
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
 async def test_sigterm_flushes_the_batch_and_exits_cleanly(
-    settings: Settings, aredis: aioredis.Redis, tmp_path: Path
+    settings: Settings, aredis: aioredis.Redis, tmp_path: Path, workers: str
 ) -> None:
     await xadd_all(aredis, settings.stream, entries(500))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROCESSOR_")}
@@ -210,6 +215,7 @@ async def test_sigterm_flushes_the_batch_and_exits_cleanly(
         PROCESSOR_STREAM=settings.stream,
         PROCESSOR_DEAD_LETTER_STREAM=settings.dead_letter_stream,
         PROCESSOR_EXPORT_MAX_AGE_S="3600",
+        PROCESSOR_EXPORT_WORKERS=workers,
         PROCESSOR_LOG_LEVEL="warning",
     )
     proc = subprocess.Popen([PROCESSOR, "export", "--out", str(tmp_path)], env=env)  # noqa: ASYNC220 - the exporter under test is a real child process

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import duckdb
+import psutil
 import pytest
 import redis.asyncio as aioredis
 
@@ -40,13 +41,26 @@ def exporter_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start(settings: Settings, out: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+def start(
+    settings: Settings, out: Path, log: Path, *args: str, workers: int = 0
+) -> subprocess.Popen[bytes]:
     with log.open("ab") as stderr:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [PROCESSOR, "export", "--out", str(out), *args],
+            [PROCESSOR, "export", "--out", str(out), "--workers", str(workers), *args],
             env=exporter_env(settings),
             stderr=stderr,
         )
+
+
+async def assert_gone(pids: list[int]) -> None:
+    """Decode workers of a killed exporter exit on their own (no orphans left running)."""
+    for _ in range(100):
+        alive = [pid for pid in pids if psutil.pid_exists(pid)]
+        alive = [pid for pid in alive if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"worker processes still running: {alive}")
 
 
 def tail_count(log: Path, text: str) -> int:
@@ -98,8 +112,10 @@ async def kill_after_progress(
         await after_a_rename(out)
     else:
         await asyncio.sleep(moment)
+    workers = [child.pid for child in psutil.Process(proc.pid).children()]
     proc.send_signal(signal.SIGKILL)
     await asyncio.to_thread(proc.wait, 30)
+    await assert_gone(workers)
     return await acknowledged(client, settings)
 
 
@@ -116,7 +132,8 @@ async def test_sigkill_at_random_points_leaves_every_record_exactly_once(
     out, log = tmp_path / "dataset", tmp_path / "exporter.log"
     progress = []
     for n in range(KILLS):
-        proc = start(settings, out, log)
+        # Runs alternate between decoding in process and in two worker processes.
+        proc = start(settings, out, log, workers=2 * (n // 2 % 2))
         # Odd kills aim at the window between rename and XACK; even ones land anywhere.
         moment = None if n % 2 else rng.uniform(0.0, 0.8)
         try:

@@ -29,7 +29,9 @@ import contextlib
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -41,12 +43,11 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
 from processor.adapters.redis_stream import DeadLetter, Delivery, StreamSource, entry_id
-from processor.core.contract import decode_entry
-from processor.core.records import Record
 from processor.logs import get_logger
 from processor.settings import Settings
+from processor.tools.export_decode import ChunkDecoder, Decoded, Entries
 from processor.tools.export_files import Dataset, WrittenBatch, data_files, first_id_of
-from processor.tools.export_schema import SCHEMA, records_to_batch, split_by_day
+from processor.tools.export_schema import SCHEMA, split_by_day
 
 _PHASE_PENDING: Final = "pending"  # Delivery.phase of this consumer's own pending entries
 _PHASE_CLAIM: Final = "claim"
@@ -117,31 +118,21 @@ class Batch:
     rows: int = 0
     first_id: str | None = None
 
-    def add(self, delivery: Delivery, limits: ExportLimits) -> None:
-        """Decode ``delivery`` into this batch; rejections become dead letters."""
-        entries = delivery.entries
-        if delivery.phase == _PHASE_CLAIM:  # never take an entry twice into one file
-            known = set(self.ids)
-            entries = [(sid, fields) for sid, fields in entries if sid not in known]
-        records: list[Record] = []
-        for sid, fields in entries:
-            decoded = decode_entry(
-                sid,
-                fields,
-                max_entry_bytes=limits.max_entry_bytes,
-                max_io_elements=limits.max_io_elements,
+    def add(self, delivery: Delivery, entries: Entries, decoded: Decoded) -> None:
+        """Take in a delivery whose ``entries`` were decoded; rejections become dead letters."""
+        if decoded.rejections:
+            fields = dict(entries)
+            self.dead.extend(
+                DeadLetter.from_rejection(sid, rejection, fields[sid])
+                for sid, rejection in decoded.rejections
             )
-            if type(decoded) is Record:
-                records.append(decoded)
-            else:
-                self.dead.append(DeadLetter.from_rejection(sid, decoded, fields))  # type: ignore[arg-type]
         self.dead.extend(delivery.exhausted)
         self.ids.extend(sid for sid, _ in entries)
         self.ids.extend(letter.source_id for letter in delivery.exhausted)
         self.ids.extend(delivery.vanished)
-        if records:
-            self.chunks.append(records_to_batch(records))
-            self.rows += len(records)
+        if decoded.chunk is not None:
+            self.chunks.append(decoded.chunk)
+            self.rows += decoded.rows
         self._track_first(delivery)
 
     def _track_first(self, delivery: Delivery) -> None:
@@ -178,16 +169,42 @@ def id_key(stream_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+@dataclass(frozen=True, slots=True)
+class _Decoding:
+    """A delivery read and handed to the decoder, in reading order."""
+
+    delivery: Delivery
+    entries: Entries
+    result: asyncio.Future[Decoded]
+
+
 class Exporter:
     """The read → decode → write → acknowledge loop of one export consumer."""
 
     def __init__(
-        self, source: StreamSource, dataset: Dataset, limits: ExportLimits, *, burst: bool
+        self,
+        source: StreamSource,
+        dataset: Dataset,
+        limits: ExportLimits,
+        *,
+        burst: bool,
+        decoder: ChunkDecoder | None = None,
     ) -> None:
         self._source = source
         self._dataset = dataset
         self._limits = limits
         self._burst = burst
+        self._decoder = decoder or ChunkDecoder(
+            workers=0,
+            max_entry_bytes=limits.max_entry_bytes,
+            max_io_elements=limits.max_io_elements,
+        )
+        # Deliveries decoding in workers at once: enough to keep every worker busy.
+        self._max_decoding = 2 * self._decoder.workers
+        self._decoding: deque[_Decoding] = deque()
+        self._recovering = True  # own pending entries are re-read first, as one batch
+        self._batch = Batch(time.monotonic())
+        self._flushing: Batch | None = None
         self._stop = asyncio.Event()
         self._inflight: asyncio.Task[None] | None = None
         self.stats = ExportStats()
@@ -198,46 +215,73 @@ class Exporter:
 
     async def run(self) -> ExportStats:
         """Export until stopped (or, in burst mode, until the stream is drained)."""
-        batch = Batch(time.monotonic())
-        recovering = True  # own pending entries are re-read first and all join one batch
         reading: asyncio.Task[Delivery] | None = self._read_next()
         try:
             while reading is not None:
                 delivery = await reading
                 if not self.stats.first_read_at:
                     self.stats.first_read_at = time.perf_counter()
-                if recovering and delivery.phase != _PHASE_PENDING:
-                    recovering = False
-                    if not batch.empty():  # the redone batch: exactly the own pending entries
-                        batch = await self._start_flush(batch)
-                drained = self._burst and delivery.empty() and not recovering
-                # Read ahead: Redis serves the next batch while this one is decoded.
+                drained = self._burst and delivery.empty() and delivery.phase != _PHASE_PENDING
+                # Read ahead: Redis serves the next delivery while this one is decoded.
                 reading = None if drained or self._stop.is_set() else self._read_next()
-                if not delivery.empty():
-                    batch.add(delivery, self._limits)
-                if reading and not recovering and batch.due(self._limits, time.monotonic()):
-                    batch = await self._start_flush(batch)
-            if not batch.empty():
-                await self._start_flush(batch)
+                self._decode(delivery)
+                while len(self._decoding) > self._max_decoding:
+                    await self._take_oldest()
+            while self._decoding:
+                await self._take_oldest()
+            if not self._batch.empty():
+                await self._start_flush()
         finally:
             if reading is not None:
                 reading.cancel()  # entries it had read stay pending and are read again
+            while self._decoding:
+                self._decoder.discard(self._decoding.popleft().result)
             await self._wait_inflight()
         return self.stats
 
     def _read_next(self) -> asyncio.Task[Delivery]:
         return asyncio.create_task(self._source.read())
 
-    async def _start_flush(self, batch: Batch) -> Batch:
-        """Hand ``batch`` to the writer (after the previous flush is done); a fresh batch."""
+    def _decode(self, delivery: Delivery) -> None:
+        entries: Entries = delivery.entries
+        if delivery.phase == _PHASE_CLAIM:  # never take one of our own entries twice
+            known = self._unacknowledged_ids()
+            entries = [(sid, fields) for sid, fields in entries if sid not in known]
+        self._decoding.append(_Decoding(delivery, entries, self._decoder.submit(entries)))
+
+    def _unacknowledged_ids(self) -> set[str]:
+        known = set(self._batch.ids)
+        known.update(sid for item in self._decoding for sid, _ in item.entries)
+        if self._flushing is not None:
+            known.update(self._flushing.ids)
+        return known
+
+    async def _take_oldest(self) -> None:
+        """Add the oldest decoded delivery to the batch; flush when the batch is due."""
+        item = self._decoding.popleft()
+        try:
+            decoded = await item.result
+        except BrokenProcessPool as exc:
+            raise ExportError("a decode worker process died") from exc
+        if self._recovering and item.delivery.phase != _PHASE_PENDING:
+            self._recovering = False
+            if not self._batch.empty():  # the redone batch: exactly the own pending entries
+                await self._start_flush()
+        self._batch.add(item.delivery, item.entries, decoded)
+        if not self._recovering and self._batch.due(self._limits, time.monotonic()):
+            await self._start_flush()
+
+    async def _start_flush(self) -> None:
+        """Hand the batch to the writer (after the previous flush is done); start a new one."""
         await self._wait_inflight()
-        self._inflight = asyncio.create_task(self._flush(batch))
-        return Batch(time.monotonic())
+        self._flushing, self._batch = self._batch, Batch(time.monotonic())
+        self._inflight = asyncio.create_task(self._flush(self._flushing))
 
     async def _wait_inflight(self) -> None:
         task, self._inflight = self._inflight, None
         if task is not None:
             await task
+        self._flushing = None
 
     async def _flush(self, batch: Batch) -> None:
         """Write the batch's files durably, then dead-letter and acknowledge its entries."""
@@ -314,12 +358,15 @@ async def run_export(
                 count=settings.read_count,
                 block_ms=1 if burst else settings.read_block_ms,
             )
-            exporter = Exporter(source, dataset, ExportLimits.from_settings(settings), burst=burst)
+            limits = ExportLimits.from_settings(settings)
             await source.ensure_group()
             await discard_uncommitted(client, source, dataset)
             _log().info("export started", stream=settings.stream, consumer=name, out=str(out))
-            with _signals(exporter) if handle_signals else contextlib.nullcontext():
-                stats = await exporter.run()
+            with contextlib.closing(_decoder(settings)) as decoder:
+                await decoder.start()
+                exporter = Exporter(source, dataset, limits, burst=burst, decoder=decoder)
+                with _signals(exporter) if handle_signals else contextlib.nullcontext():
+                    stats = await exporter.run()
             _log().info(
                 "export stopped", rows=stats.rows, rejected=stats.rejected, files=stats.files
             )
@@ -328,6 +375,14 @@ async def run_export(
         raise ExportError(f"stream {settings.stream!r}: {exc}") from exc
     finally:
         await client.aclose()
+
+
+def _decoder(settings: Settings) -> ChunkDecoder:
+    return ChunkDecoder(
+        workers=settings.export_workers,
+        max_entry_bytes=settings.max_entry_bytes,
+        max_io_elements=settings.max_io_elements,
+    )
 
 
 async def discard_uncommitted(

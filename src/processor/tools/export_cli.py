@@ -28,6 +28,9 @@ _DIR = click.Path(file_okay=False, path_type=Path)
 )
 @click.option("--max-rows", type=int, default=None, help="[PROCESSOR_EXPORT_MAX_ROWS]")
 @click.option("--max-age", type=float, default=None, help="Seconds [PROCESSOR_EXPORT_MAX_AGE_S]")
+@click.option(
+    "--workers", type=int, default=None, help="Decoding processes [PROCESSOR_EXPORT_WORKERS]."
+)
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
 @click.pass_context
 def export(
@@ -38,6 +41,7 @@ def export(
     consumer: str | None,
     max_rows: int | None,
     max_age: float | None,
+    workers: int | None,
     metrics_port: int | None,
 ) -> None:
     """Export the record stream to Parquet through the analytics consumer group."""
@@ -47,7 +51,10 @@ def export(
         raise click.UsageError("--out DIR is required (or use `processor export verify DIR`)")
     try:
         settings = load_settings(
-            export_group=group, export_max_rows=max_rows, export_max_age_s=max_age
+            export_group=group,
+            export_max_rows=max_rows,
+            export_max_age_s=max_age,
+            export_workers=workers,
         )
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from exc
