@@ -80,3 +80,19 @@ def test_a_finish_reranks_the_other_entries() -> None:
     assert engine.add(track(YS, 1000, imei="356307042440001")) == {(1, 1), (1, 2)}
     ranks = {r.entry_number: r.rank for r in engine.result().stage_results}
     assert ranks == {1: 1, 2: 2}
+
+
+def test_result_for_gives_the_current_rows_of_the_reported_pairs() -> None:
+    entries = [
+        {"id": 1, "number": 1, "imei": "356307042440001"},
+        {"id": 2, "number": 2, "imei": "356307042440002"},
+    ]
+    engine = LiveEngine(course(STANDARD, entries=entries))
+    engine.add(track(YS, 1100, imei="356307042440002"))
+    affected = engine.add(track(YS[:50], 1000, imei="356307042440001"))
+    assert affected == {(1, 1)}
+    partial = engine.result_for(affected)
+    full = engine.result()
+    assert partial.stage_results == tuple(r for r in full.stage_results if r.entry_number == 1)
+    assert partial.timing_records == tuple(r for r in full.timing_records if r.entry_number == 1)
+    assert partial.overall == full.overall

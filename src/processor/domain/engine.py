@@ -186,25 +186,39 @@ def evaluate_entry(
     return EntryOutcome(stages, tuple(anomalies))
 
 
-def assemble(index: CourseIndex, outcomes: Mapping[Id, EntryOutcome]) -> DomainResult:
-    """Rank every stage, compute overall standings and sort all rows."""
+def assemble(
+    index: CourseIndex,
+    outcomes: Mapping[Id, EntryOutcome],
+    only: set[tuple[Id, int]] | None = None,
+) -> DomainResult:
+    """Rank every stage, compute overall standings and sort all rows; with ``only``, keep
+    just the rows of those (stage id, entry number) pairs and the anomalies of their
+    entries (ranks and standings still consider everyone)."""
     course = index.course
     entries = {entry.id: entry for entry in course.entries}
     order = {plan.stage.id: position for position, plan in enumerate(index.plans)}
     records: list[TimingRecord] = []
     penalties: list[Penalty] = []
     results: list[StageResult] = []
+    all_results: list[StageResult] = []
     anomalies: list[Anomaly] = []
     for plan in index.plans:
         stage_results = []
         for entry in course.entries:
             outcome = outcomes[entry.id].stages[plan.stage.id]
-            records += outcome.records
-            penalties += outcome.penalties
+            if only is None or (plan.stage.id, entry.number) in only:
+                records += outcome.records
+                penalties += outcome.penalties
             stage_results.append(outcome.result)
-        results += rank_stage(stage_results, entries)
+        ranked = rank_stage(stage_results, entries)
+        results += (
+            ranked if only is None else [r for r in ranked if (r.stage_id, r.entry_number) in only]
+        )
+        all_results += ranked
+    numbers = None if only is None else {number for _, number in only}
     for entry in course.entries:
-        anomalies += outcomes[entry.id].anomalies
+        if numbers is None or entry.number in numbers:
+            anomalies += outcomes[entry.id].anomalies
     special = {p.stage.id for p in index.plans if p.stage.kind == "special"}
     return DomainResult(
         timing_records=tuple(
@@ -236,7 +250,7 @@ def assemble(index: CourseIndex, outcomes: Mapping[Id, EntryOutcome]) -> DomainR
         anomalies=tuple(
             sorted(anomalies, key=lambda a: (a.entry_number, a.started_at, a.kind, a.device_imei))
         ),
-        overall=tuple(overall(results, course.entries, special)),
+        overall=tuple(overall(all_results, course.entries, special)),
     )
 
 
@@ -313,6 +327,11 @@ class LiveEngine:
     def result(self) -> DomainResult:
         """Every row as of now (same shape and order as :func:`evaluate`)."""
         return assemble(self._index, self._outcomes)
+
+    def result_for(self, affected: Iterable[tuple[Id, int]]) -> DomainResult:
+        """The current rows of some (stage id, entry number) pairs, e.g. what :meth:`add`
+        or :meth:`tick` reported, with their entries' anomalies and full standings."""
+        return assemble(self._index, self._outcomes, set(affected))
 
     def _refresh(self, entry_ids: set[Id]) -> Affected:
         affected: Affected = set()
