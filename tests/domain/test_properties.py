@@ -90,7 +90,7 @@ def _record(imei: str, x: float, y: float, t: int, speed: int, flavour: str, dra
     return p
 
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FAST
@@ -134,13 +134,21 @@ def test_live_add_reports_every_changed_entry_stage(
 ) -> None:
     c = _course(False)
     engine = LiveEngine(c, source="replay")
-    half = len(positions) // 2
-    engine.add(positions[:half])
-    before = {(r.stage_id, r.entry_number): r for r in engine.result().stage_results}
-    affected = engine.add(positions[half:])
-    after = {(r.stage_id, r.entry_number): r for r in engine.result().stage_results}
-    changed = {key for key in after if before[key] != after[key]}
+    cut = data.draw(st.integers(0, len(positions)))
+    order = data.draw(st.permutations(positions))
+    engine.add(order[:cut])
+    before = _rows_by_pair(engine.result())
+    affected = engine.add(order[cut:])
+    after = _rows_by_pair(engine.result())
+    changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
     assert changed <= affected
+
+
+def _rows_by_pair(result) -> dict:
+    rows: dict = {}
+    for row in (*result.timing_records, *result.penalties, *result.stage_results):
+        rows.setdefault((row.stage_id, row.entry_number), []).append(row)
+    return rows
 
 
 wild_ints = st.integers(-(2**62), 2**62)
@@ -179,7 +187,8 @@ def test_no_input_makes_the_engine_raise(
     to_json(result)
     to_table(result)
     engine = LiveEngine(_course(scheduled))
-    engine.add(positions)
+    affected = engine.add(positions)
     if now is not None:
-        engine.tick(now)
+        affected |= engine.tick(now)
+    to_json(engine.result_for(affected))
     assert all(math.isfinite(a.started_at) for a in result.anomalies)
