@@ -344,8 +344,10 @@ async def _snapshot(
         standings = await read_standings(conn, demo.event_id)
         total, alerts = await read_alerts(conn, demo.event_id, ALERTS_SHOWN)
     except (asyncpg.PostgresError, OSError) as exc:
-        return replace(last, pipeline=pipeline, notes=(f"database read failed: {exc}",))
-    return Snapshot(standings, alerts, total, pipeline, _header(demo), _notes(demo))
+        failed = (f"database read failed: {exc}", *_warnings(demo))
+        return replace(last, pipeline=pipeline, warnings=failed)
+    header = _header(demo)
+    return Snapshot(standings, alerts, total, pipeline, header, _notes(demo), _warnings(demo))
 
 
 def _header(demo: DemoRun) -> str:
@@ -357,6 +359,15 @@ def _header(demo: DemoRun) -> str:
     return (
         f"{demo.stage_name} · {demo.race.length_km:g} km · {demo.race.vehicles} vehicles · "
         f"race clock {race_clock} UTC (x{demo.options.speed:g}) · {wall:.0f}{limit} s"
+    )
+
+
+def _warnings(demo: DemoRun) -> tuple[str, ...]:
+    """Errors the children have logged (the view would otherwise just look stuck)."""
+    return tuple(
+        f"{child.name}: {child.errors} errors logged, see {child.log_path}"
+        for child in demo.children
+        if child.name != "simulator" and child.count_errors()
     )
 
 

@@ -32,7 +32,9 @@ class Child:
     log_path: Path
     may_exit: bool = False  # True: exiting with status 0 is the end of its job, not a failure
     process: subprocess.Popen[bytes] | None = None
+    errors: int = 0  # error lines its log has shown so far (see count_errors)
     _log: IO[bytes] | None = field(default=None, repr=False)
+    _scanned: int = field(default=0, repr=False)
 
     def start(self, env: dict[str, str]) -> None:
         """Start it in a new session, output appended to its log file."""
@@ -73,10 +75,27 @@ class Child:
             return "(no log)"
         return "\n".join("  " + line for line in text.splitlines()[-lines:])
 
+    def count_errors(self) -> int:
+        """Error lines in its log so far (console and JSON formats); reads only what is new."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._scanned)
+                chunk = log.read()
+        except OSError:
+            return self.errors
+        complete = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+        self._scanned += complete
+        self.errors += sum(1 for line in chunk[:complete].splitlines() if _is_error(line))
+        return self.errors
+
     def close_log(self) -> None:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _is_error(line: bytes) -> bool:
+    return b"[error" in line or b'"level": "error"' in line or b'"level":"error"' in line
 
 
 def stop_all(children: Sequence[Child], timeout_s: float) -> list[str]:

@@ -94,6 +94,7 @@ class Snapshot:
     pipeline: Pipeline | None = None
     header: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = field(default_factory=tuple)  # shown in every format
 
     def counts(self) -> dict[str, int]:
         """Entries per result status."""
@@ -280,6 +281,8 @@ def live_view(snapshot: Snapshot, rows: int) -> RenderableType:
     header.append("\n" + counts_text(snapshot), style="")
     for note in snapshot.notes:
         header.append("\n" + note, style="dim")
+    for warning in snapshot.warnings:
+        header.append("\n" + warning, style="bold red")
     return Group(
         Panel(header, box=box.ROUNDED),
         leaderboard_table(snapshot.standings, limit=rows),
@@ -308,4 +311,5 @@ def plain_snapshot(snapshot: Snapshot, top: int = 5) -> str:
         lines.append(
             f"  alerts: {snapshot.alerts_total}, newest {newest.kind}{number} ({newest.severity})"
         )
+    lines += [f"  warning: {warning}" for warning in snapshot.warnings]
     return "\n".join(lines)
