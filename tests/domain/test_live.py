@@ -96,3 +96,29 @@ def test_result_for_gives_the_current_rows_of_the_reported_pairs() -> None:
     assert partial.stage_results == tuple(r for r in full.stage_results if r.entry_number == 1)
     assert partial.timing_records == tuple(r for r in full.timing_records if r.entry_number == 1)
     assert partial.overall == full.overall
+
+
+def test_multi_stage_event_fed_one_by_one_equals_one_pass() -> None:
+    from tests.domain.test_results import YS as ys
+    from tests.domain.test_results import _two_stages
+
+    hour = 3_600_000
+    fixes = []
+    for i in range(3):
+        imei = f"35630704244{i:04d}"
+        fixes += track(ys, 1000 + 100 * i, t_from=1000, imei=imei)
+        second = track(ys, 1000, t_from=hour + 1000, imei=imei)
+        if i == 1:  # 70 s without a fix on the second stage
+            second[20:90] = [replace(p, sat=0) for p in second[20:90]]
+        fixes += second
+        fixes += track(ys, 500, t_from=2 * hour + 1000, imei=imei)
+    fixes.sort(key=lambda p: p.ts)
+    engine = LiveEngine(_two_stages(), source="replay")
+    for position in fixes:
+        engine.add([position])
+        if position.ts % 60_000 < 1000:
+            engine.tick(position.ts + 500)
+    engine.tick(T0 + 3 * hour)
+    expected = evaluate(_two_stages(), fixes, T0 + 3 * hour)
+    assert engine.result() == expected
+    assert [a.kind for a in expected.anomalies] == ["no_fix"]

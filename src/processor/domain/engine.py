@@ -159,18 +159,26 @@ def evaluate_entry(
             stage = plan.stage
             clean, scanned, slow = stage_track.view()
             views.append(stage_track)
-            outcome = evaluate_stage(
-                plan,
-                entry,
-                rules,
-                clean,
-                scanned,
-                closed=stage.closed_at(now_ms),
-                updated_at=stage_track.updated_at,
-                source=source,
-                event_id=event_id,
-                memo=stage_track.memo,
-            )
+            closed = stage.closed_at(now_ms)
+            # Same fixes, same data time, same closure: the same outcome (live, most
+            # stages of an entry do not change between two batches).
+            key = (len(stage_track.raw), stage_track.updated_at, closed, source)
+            if stage_track.cached is not None and stage_track.cached[0] == key:
+                outcome = stage_track.cached[1]
+            else:
+                outcome = evaluate_stage(
+                    plan,
+                    entry,
+                    rules,
+                    clean,
+                    scanned,
+                    closed=closed,
+                    updated_at=stage_track.updated_at,
+                    source=source,
+                    event_id=event_id,
+                    memo=stage_track.memo,
+                )
+                stage_track.cached = (key, outcome)
             stages[stage.id] = outcome
             if outcome.running is not None:
                 start, end = outcome.running

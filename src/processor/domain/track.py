@@ -26,7 +26,15 @@ from processor.domain.anomalies import (
 from processor.domain.compiled import StagePlan
 from processor.domain.fixes import clock_ok, has_fix, spike
 from processor.domain.model import Position, Rules
-from processor.domain.stage import Crossing, Memo, Scan, cell_key, scan_lone_fix, scan_segment
+from processor.domain.stage import (
+    Crossing,
+    Memo,
+    Scan,
+    StageOutcome,
+    cell_key,
+    scan_lone_fix,
+    scan_segment,
+)
 
 Span = tuple[int, int]
 T = TypeVar("T")
@@ -54,6 +62,7 @@ class StageTrack:
     slow: list[list[int]] = field(default_factory=list)
     memo: Memo = field(default_factory=dict)
     updated_at: int | None = None
+    cached: tuple[tuple[object, ...], StageOutcome] | None = None
 
     @classmethod
     def open(cls, plan: StagePlan, rules: Rules) -> StageTrack:
