@@ -33,7 +33,6 @@ class Crossing:
 Scan = tuple[dict[int, list["Crossing"]], dict[int, list[int]]]
 # A segment against a zone: (s where a piece starts, whether the piece is inside).
 Pieces = tuple[tuple[float, bool], ...]
-Memo = dict[tuple[int, int, int], Pieces]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +41,15 @@ class Passage:
 
     enter: Crossing
     exit: Crossing | None
+
+
+@dataclass(slots=True)
+class Memo:
+    """Zone work kept between evaluations of one entry-stage: each segment's pieces, and
+    each zone's passages for a given window and list of candidate segments."""
+
+    pieces: dict[tuple[int, int, int], Pieces] = field(default_factory=dict)
+    passages: dict[int, tuple[tuple[object, ...], list[Passage]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +101,7 @@ def evaluate_stage(
     """Evaluate an entry on a stage from its clean fixes in the stage window and their
     scan (:func:`scan_segment` over every segment fixes[i]→fixes[i+1]). ``memo`` keeps
     zone :func:`partition` results between calls."""
-    ctx = _Context(plan, entry, rules, fixes, source, event_id, {} if memo is None else memo)
+    ctx = _Context(plan, entry, rules, fixes, source, event_id, Memo() if memo is None else memo)
     crossings, others = scanned
     passes = {order: _passes(found, rules.rearm_s) for order, found in crossings.items()}
     for shape in plan.gates:
@@ -348,8 +356,20 @@ def _zones(
     ctx: _Context, others: dict[int, list[int]], start: int, end: int | None
 ) -> list[tuple[Shape, Passage]]:
     forbidden: list[tuple[Shape, Passage]] = []
+    fixes = ctx.fixes
     for shape in ctx.plan.zones:
-        passages = _passages(ctx, shape, others.get(shape.order, []), start, end)
+        indexes = others.get(shape.order, [])
+        last = indexes[-1] if indexes else None
+        # The candidate segments only grow (the newest may change): same count, same
+        # newest segment and same window means the same passages.
+        key = (start, end, len(indexes),
+               None if last is None else (fixes[last].ts, fixes[last + 1].ts))  # fmt: skip
+        held = ctx.memo.passages.get(shape.order)
+        if held is not None and held[0] == key:
+            passages = held[1]
+        else:
+            passages = _passages(ctx, shape, indexes, start, end)
+            ctx.memo.passages[shape.order] = (key, passages)
         for number, passage in enumerate(passages, start=1):
             ctx.records.append(_record(ctx, shape, "zone_enter", number, passage.enter))
             if passage.exit is not None:
@@ -370,7 +390,7 @@ def _passages(
     ctx: _Context, shape: Shape, indexes: list[int], start: int, end: int | None
 ) -> list[Passage]:
     """Zone passages in the window; re-entries within ``rearm_s`` continue the passage."""
-    memo = ctx.memo
+    memo = ctx.memo.pieces
     fixes = ctx.fixes
     found: list[Passage] = []
     enter: Crossing | None = None

@@ -60,7 +60,7 @@ class StageTrack:
     crossings: dict[int, list[Crossing]] = field(default_factory=dict)
     others: dict[int, list[int]] = field(default_factory=dict)
     slow: list[list[int]] = field(default_factory=list)
-    memo: Memo = field(default_factory=dict)
+    memo: Memo = field(default_factory=Memo)
     updated_at: int | None = None
     cached: tuple[tuple[object, ...], StageOutcome] | None = None
 
