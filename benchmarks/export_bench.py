@@ -32,7 +32,7 @@ from processor.core.contract import decode_entry
 from processor.core.records import Record
 from processor.logs import configure_logging
 from processor.settings import Settings, load_settings
-from processor.tools.export import run_export
+from processor.tools.export import run_export, tune_gc
 from processor.tools.export_files import Dataset
 from processor.tools.export_schema import SCHEMA, io_json, records_to_batch, split_by_day
 
@@ -110,6 +110,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     configure_logging("console", "warning")
+    tune_gc()  # as `processor export` does
 
     entries = make_entries(args.count, devices=args.devices, sentinels=True)
     prefix = f"bench:export:{uuid.uuid4().hex[:8]}"
