@@ -11,12 +11,15 @@ from pathlib import Path
 
 import duckdb
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from processor.adapters.redis_stream import StreamSource
+from processor.core.contract import decode_entry
+from processor.core.records import Record
 from processor.settings import Settings
 from processor.tools.export import (
     Exporter,
@@ -26,6 +29,7 @@ from processor.tools.export import (
     run_export,
 )
 from processor.tools.export_files import Dataset, data_files, file_name
+from processor.tools.export_schema import records_to_batch, split_by_day
 from processor.tools.export_verify import verify_dataset
 
 from .test_export_helpers import (
@@ -237,14 +241,8 @@ async def test_sigterm_flushes_the_batch_and_exits_cleanly(
 
 
 def test_verify_reports_duplicates_and_fails(tmp_path: Path) -> None:
-    from processor.core.contract import decode_entry
-    from processor.core.records import Record
-    from processor.tools.export_schema import records_to_batch, split_by_day
-
     records = [decode_entry(f"1-{n}", entry(1, 1_717_243_200_000 + n, n)) for n in range(5)]
     assert all(isinstance(r, Record) for r in records)
-    import pyarrow as pa
-
     table = pa.Table.from_batches([records_to_batch(records)])  # type: ignore[arg-type]
     with Dataset(tmp_path) as ds:
         ds.write_batch("1-0", split_by_day(table))
@@ -305,3 +303,31 @@ async def export_with_claims(
         await discard_uncommitted(client, source, dataset)
         exporter = Exporter(source, dataset, ExportLimits.from_settings(settings), burst=True)
         return await exporter.run()
+
+
+def test_verify_tells_device_resends_from_exported_twice(tmp_path: Path) -> None:
+    resend = [decode_entry(f"2-{n}", entry(1, 1_717_243_200_000, 7)) for n in range(2)]
+    table = pa.Table.from_batches([records_to_batch(resend)])  # type: ignore[arg-type]
+    with Dataset(tmp_path) as ds:
+        ds.write_batch("2-0", split_by_day(table))
+
+    report = verify_dataset(tmp_path)
+
+    assert (report.duplicate_keys, report.duplicate_entries, report.resends) == (1, 0, 1)
+    assert not report.clean()
+    assert report.clean(allow_resends=True)
+
+
+def test_verify_flags_foreign_and_misplaced_files(tmp_path: Path) -> None:
+    records = [decode_entry("3-0", entry(1, 1_717_243_200_000, 1))]
+    table = pa.Table.from_batches([records_to_batch(records)])  # type: ignore[arg-type]
+    (tmp_path / "date=2024-06-05").mkdir()
+    pq.write_table(table, tmp_path / "date=2024-06-05" / "part-3-0.parquet")
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "date=2024-06-05" / "part-4-0.parquet")
+
+    report = verify_dataset(tmp_path)
+
+    assert len(report.problems) == 2
+    assert "other days" in report.problems[0]
+    assert "schema differs" in report.problems[1]
+    assert not report.clean(allow_resends=True)
