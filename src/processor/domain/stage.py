@@ -45,11 +45,15 @@ class Passage:
 
 @dataclass(slots=True)
 class Memo:
-    """Zone work kept between evaluations of one entry-stage: each segment's pieces, and
-    each zone's passages for a given window and list of candidate segments."""
+    """Work kept between evaluations of one entry-stage: each segment's zone pieces, and
+    each zone's passages and waypoint's visit for a window and list of candidate segments
+    (those lists only grow, except that the newest segment may change)."""
 
     pieces: dict[tuple[int, int, int], Pieces] = field(default_factory=dict)
     passages: dict[int, tuple[tuple[object, ...], list[Passage]]] = field(default_factory=dict)
+    visits: dict[int, tuple[tuple[object, ...], tuple[Crossing, float] | None]] = field(
+        default_factory=dict
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +315,14 @@ def _waypoints(
 ) -> int:
     validated = 0
     for shape in ctx.plan.waypoints:
-        visit = _visit(ctx, shape, others.get(shape.order, []), start, end)
+        indexes = others.get(shape.order, [])
+        key = _memo_key(ctx, indexes, start, end)
+        held = ctx.memo.visits.get(shape.order)
+        if held is not None and held[0] == key:
+            visit = held[1]
+        else:
+            visit = _visit(ctx, shape, indexes, start, end)
+            ctx.memo.visits[shape.order] = (key, visit)
         if visit is not None:
             crossing, closest = visit
             ctx.records.append(_record(ctx, shape, "waypoint", 1, crossing, closest))
@@ -326,6 +337,16 @@ def _waypoints(
             details = {"waypoint_type": geofence.waypoint_type}
             ctx.penalties.append(_penalty(ctx, shape, "missed_waypoint", 1, seconds, details))
     return validated
+
+
+def _memo_key(ctx: _Context, indexes: list[int], start: int, end: int | None) -> tuple[object, ...]:
+    """Same window, same number of candidate segments and same newest one: same answer."""
+    if not indexes:
+        return (start, end, 0)
+    last = indexes[-1]
+    fixes = ctx.fixes
+    newest = (fixes[-1 - last].ts,) if last < 0 else (fixes[last].ts, fixes[last + 1].ts)
+    return (start, end, len(indexes), newest)
 
 
 def _visit(
@@ -356,14 +377,9 @@ def _zones(
     ctx: _Context, others: dict[int, list[int]], start: int, end: int | None
 ) -> list[tuple[Shape, Passage]]:
     forbidden: list[tuple[Shape, Passage]] = []
-    fixes = ctx.fixes
     for shape in ctx.plan.zones:
         indexes = others.get(shape.order, [])
-        last = indexes[-1] if indexes else None
-        # The candidate segments only grow (the newest may change): same count, same
-        # newest segment and same window means the same passages.
-        key = (start, end, len(indexes),
-               None if last is None else (fixes[last].ts, fixes[last + 1].ts))  # fmt: skip
+        key = _memo_key(ctx, indexes, start, end)
         held = ctx.memo.passages.get(shape.order)
         if held is not None and held[0] == key:
             passages = held[1]
