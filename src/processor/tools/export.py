@@ -112,7 +112,7 @@ class ExportStats:
 class Batch:
     """Entries delivered since the last acknowledgement: Arrow chunks, ids, dead letters."""
 
-    started: float
+    started: float | None = None  # monotonic time of the first delivery taken in
     chunks: list[pa.RecordBatch] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
@@ -121,6 +121,8 @@ class Batch:
 
     def add(self, delivery: Delivery, entries: Entries, decoded: Decoded) -> None:
         """Take in a delivery whose ``entries`` were decoded; rejections become dead letters."""
+        if self.started is None and not delivery.empty():
+            self.started = time.monotonic()
         if decoded.rejections:
             fields = dict(entries)
             self.dead.extend(
@@ -156,7 +158,7 @@ class Batch:
     def due(self, limits: ExportLimits, now: float) -> bool:
         """True when the batch is full or old enough to be flushed."""
         return self.rows >= limits.max_rows or (
-            not self.empty() and now - self.started >= limits.max_age_s
+            self.started is not None and now - self.started >= limits.max_age_s
         )
 
     def table(self) -> pa.Table:
@@ -204,7 +206,7 @@ class Exporter:
         self._max_decoding = 2 * self._decoder.workers
         self._decoding: deque[_Decoding] = deque()
         self._recovering = True  # own pending entries are re-read first, as one batch
-        self._batch = Batch(time.monotonic())
+        self._batch = Batch()
         self._flushing: Batch | None = None
         self._stop = asyncio.Event()
         self._inflight: asyncio.Task[None] | None = None
@@ -275,7 +277,7 @@ class Exporter:
     async def _start_flush(self) -> None:
         """Hand the batch to the writer (after the previous flush is done); start a new one."""
         await self._wait_inflight()
-        self._flushing, self._batch = self._batch, Batch(time.monotonic())
+        self._flushing, self._batch = self._batch, Batch()
         self._inflight = asyncio.create_task(self._flush(self._flushing))
 
     async def _wait_inflight(self) -> None:
