@@ -73,7 +73,8 @@ class Child:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return "(no log)"
-        return "\n".join("  " + line for line in text.splitlines()[-lines:])
+        shown = text.splitlines()[-lines:]
+        return "\n".join("  " + line for line in shown) if shown else "  (empty)"
 
     def count_errors(self) -> int:
         """Error lines in its log so far (console and JSON formats); reads only what is new."""
