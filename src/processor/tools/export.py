@@ -7,7 +7,7 @@ acknowledgement form one *batch*; a batch is flushed when it holds ``export_max_
 rows or is ``export_max_age_s`` old: its rows are written per UTC day as
 ``date=YYYY-MM-DD/part-<first id>.parquet`` (temporary name, fsync, rename, directory
 fsync) and only then are its entries acknowledged, in the same MULTI/EXEC as its dead
-letters. Exactly-once output rests on three rules (argued in docs/export.md):
+letters. Exactly-once output rests on four rules (argued in docs/export.md):
 
 1. a batch is acknowledged as a whole, so the consumer's pending list is always whole
    batches, and at most one batch is written-but-unacknowledged (flushes are sequential);
@@ -19,7 +19,8 @@ letters. Exactly-once output rests on three rules (argued in docs/export.md):
    acknowledged, e.g. by a consumer of another name) is deleted: its entries are pending
    and will be exported again.
 
-Writing runs in a worker thread while the next batch is read and decoded.
+Writing runs in a worker thread while the next batch is read and decoded (decoding itself
+optionally in worker processes, see :mod:`processor.tools.export_decode`).
 """
 
 from __future__ import annotations
