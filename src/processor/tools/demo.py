@@ -84,6 +84,10 @@ class DemoRun:
         return next((c for c in self.children if c.name == name), None)
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived before the race started: stop, not a failure."""
+
+
 class Stopper:
     """The stop request: set by SIGINT/SIGTERM (the reason is kept for the message)."""
 
@@ -100,6 +104,11 @@ class Stopper:
         if not self.event.is_set():
             self.reason = reason
             self.event.set()
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` once a stop has been requested."""
+        if self.event.is_set():
+            raise Interrupted(self.reason)
 
 
 @click.command("demo")
@@ -151,16 +160,23 @@ async def run_demo(options: DemoOptions, base: Settings) -> int:
     stopper = Stopper()
     stopper.install()
     demo: DemoRun | None = None
+    failure = ""
     try:
         demo = await _set_up(options, base, console)
+        stopper.check()
         await _start_children(demo, console, stopper)
         await _show(demo, console, stopper)
+    except Interrupted:
+        _say(console, f"{stopper.reason}: stopping")
     except (SetupError, ChildError) as exc:
+        failure = str(exc)
+    finally:  # whatever happened, no child outlives the demo
         _stop(demo, console)
-        console.print(f"[bold red]demo failed:[/] {exc}", markup=True, highlight=False)
+    if not failure:
+        failure = await _final(demo, console)
+    if failure:
+        console.print(f"[bold red]demo failed:[/] {failure}", markup=True, highlight=False)
         return 1
-    _stop(demo, console)
-    await _final(demo, console)
     return 0
 
 
@@ -271,11 +287,8 @@ async def _wait_ready(child: Child, ready: Callable[[], bool], stopper: Stopper)
     """Wait until ``ready()`` is true; fail if the child exits or it takes too long."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while not await asyncio.to_thread(ready):
-        child.check()
-        if child.returncode is not None:
-            raise ChildError(f"{child.name} exited before it was ready:\n{child.tail()}")
-        if stopper.event.is_set():
-            raise ChildError(f"stopped ({stopper.reason}) while {child.name} was starting")
+        child.check()  # exited before it was ready: the error, with its log
+        stopper.check()
         if time.monotonic() > deadline:
             raise ChildError(
                 f"{child.name} not ready after {READY_TIMEOUT_S:.0f} s:\n{child.tail()}"
@@ -321,7 +334,10 @@ async def _tick(demo: DemoRun, stopper: Stopper) -> bool:
 @contextlib.asynccontextmanager
 async def _reader(demo: DemoRun) -> AsyncIterator[Callable[[], Awaitable[Snapshot]]]:
     """A snapshot reader on one database connection and one HTTP client."""
-    conn = await asyncpg.connect(demo.settings.database_dsn(), timeout=10)
+    try:
+        conn = await asyncpg.connect(demo.settings.database_dsn(), timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise ChildError(f"cannot read the demo database: {exc}") from exc
     client = httpx.AsyncClient()
 
     async def read() -> Snapshot:
@@ -352,7 +368,7 @@ async def _snapshot(
 
 def _header(demo: DemoRun) -> str:
     """Race, field, race clock (simulated) and wall time."""
-    wall = time.monotonic() - demo.race_began
+    wall = time.monotonic() - demo.race_began if demo.race_began else 0.0
     race_ms = demo.race.start_ms + wall * demo.options.speed * 1000
     race_clock = datetime.fromtimestamp(race_ms / 1000, tz=UTC).strftime("%H:%M:%S")
     limit = f"/{demo.options.duration:g}" if demo.options.duration else ""
@@ -394,17 +410,21 @@ def _stop(demo: DemoRun | None, console: Console) -> None:
         _say(console, f"killed after {STOP_TIMEOUT_S:.0f} s: {', '.join(killed)}")
 
 
-async def _final(demo: DemoRun | None, console: Console) -> None:
-    """Print the final leaderboard and the pipeline figures."""
-    if demo is None:
-        return
-    conn = await asyncpg.connect(demo.settings.database_dsn(), timeout=10)
+async def _final(demo: DemoRun | None, console: Console) -> str:
+    """Print the final leaderboard and the pipeline figures; a failure message or ""."""
+    if demo is None or not demo.event_id:
+        return ""
     try:
-        standings = await read_standings(conn, demo.event_id)
-        total, alerts = await read_alerts(conn, demo.event_id, 1)
-    finally:
-        await conn.close()
+        conn = await asyncpg.connect(demo.settings.database_dsn(), timeout=10)
+        try:
+            standings = await read_standings(conn, demo.event_id)
+            total, alerts = await read_alerts(conn, demo.event_id, 1)
+        finally:
+            await conn.close()
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        return f"cannot read the final leaderboard: {exc}"
     snapshot = Snapshot(standings, alerts, total, demo.last.pipeline, _header(demo))
     console.print(leaderboard_table(standings, title=f"Final leaderboard — {demo.stage_name}"))
     console.print(plain_snapshot(snapshot, top=0), markup=False)
     _say(console, f"database {setup.DEMO_DATABASE} and streams demo:* kept for inspection")
+    return ""

@@ -129,7 +129,10 @@ async def prepare_database(settings: Settings, race: Race) -> int:
 
     Returns the imported event's id.
     """
-    conn = await asyncpg.connect(settings.database_dsn(), timeout=10)
+    try:
+        conn = await asyncpg.connect(settings.database_dsn(), timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise SetupError(f"cannot connect to the database {DEMO_DATABASE}: {exc}") from exc
     try:
         await migrate(conn, settings)
         await directus_schema.bootstrap(conn)
@@ -137,7 +140,12 @@ async def prepare_database(settings: Settings, race: Race) -> int:
         devices = reference.read_devices_csv(race.devices_file)
         await reference.import_devices(conn, devices, race.devices_file)
         summary = await reference.import_course(conn, reference.read_course(race.course_file))
-    except (asyncpg.PostgresError, reference.ReferenceFileError) as exc:
+    except (
+        asyncpg.PostgresError,
+        reference.ReferenceFileError,
+        reference.CourseFormatError,
+        directus_schema.SchemaFileError,
+    ) as exc:
         raise SetupError(f"preparing the database {DEMO_DATABASE} failed: {exc}") from exc
     finally:
         await conn.close()
