@@ -38,6 +38,7 @@ from processor.domain.stage import (
 
 Span = tuple[int, int]
 T = TypeVar("T")
+_LOCAL_REORDER: Final = 64  # records received out of order by at most this many: insert
 _SIGNAL_IOS: Final = frozenset({IO_CRASH, IO_BATTERY, IO_POWER_CUT, IO_JAMMING})
 
 
@@ -156,7 +157,7 @@ class EntryTrack:
     fixes: list[Position] = field(default_factory=list)
     by_received: list[Position] = field(default_factory=list)
     received_sorted: bool = True
-    gaps: list[tuple[Position, Position]] = field(default_factory=list)
+    gaps: dict[tuple[int, int], tuple[Position, Position]] = field(default_factory=dict)
     nonfix: list[list[int]] = field(default_factory=list)
     signals: set[str] = field(default_factory=set)
 
@@ -193,14 +194,33 @@ class EntryTrack:
                     stage.add_fix(record)
 
     def _receive(self, record: Position) -> None:
+        """Keep records by reception, and the reception gaps long enough for ``offline``
+        (keyed by the record before the gap). A record received slightly out of order is
+        inserted in place; a bigger disorder is sorted once when :meth:`records` is read."""
         received = self.by_received
-        if received and self.received_sorted:
-            last = received[-1]
-            if (record.received_at, record.ts) < (last.received_at, last.ts):
+        if not self.received_sorted:
+            received.append(record)
+            return
+        key = (record.received_at, record.ts)
+        at = len(received)
+        if received and key < _reception(received[-1]):
+            at = bisect.bisect_left(received, key, key=_reception)
+            if len(received) - at > _LOCAL_REORDER:
                 self.received_sorted = False
-            elif record.received_at - last.received_at >= self.rules.offline_after_s * 1000:
-                self.gaps.append((last, record))
-        received.append(record)
+                received.append(record)
+                return
+        before = received[at - 1] if at else None
+        after = received[at] if at < len(received) else None
+        received.insert(at, record)
+        if before is not None:
+            self.gaps.pop(_reception(before), None)
+            self._gap(before, record)
+        if after is not None:
+            self._gap(record, after)
+
+    def _gap(self, a: Position, b: Position) -> None:
+        if b.received_at - a.received_at >= self.rules.offline_after_s * 1000:
+            self.gaps[_reception(a)] = (a, b)
 
     def _signal(self, record: Position) -> None:
         if record.priority == 2:
@@ -222,23 +242,24 @@ class EntryTrack:
         """The lists anomaly detection reads."""
         if not self.received_sorted:
             received = self.by_received
-            received.sort(key=lambda r: (r.received_at, r.ts))
-            limit = self.rules.offline_after_s * 1000
-            self.gaps = [
-                (a, b)
-                for a, b in itertools.pairwise(received)
-                if b.received_at - a.received_at >= limit
-            ]
+            received.sort(key=_reception)
+            self.gaps = {}
+            for a, b in itertools.pairwise(received):
+                self._gap(a, b)
             self.received_sorted = True
         return Records(
             all=self.all,
             plausible=self.plausible,
             fixes=self.fixes,
             by_received=self.by_received,
-            gaps=self.gaps,
+            gaps=[self.gaps[key] for key in sorted(self.gaps)],
             nonfix=self.nonfix,
             signals=frozenset(self.signals),
         )
+
+
+def _reception(record: Position) -> tuple[int, int]:
+    return (record.received_at, record.ts)
 
 
 def first_at_or_after(fixes: Sequence[Position], ts: float) -> int:
