@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Final
 
 from processor.domain.geometry import M_PER_DEG, distance_m
@@ -36,26 +35,6 @@ def has_fix(position: Position) -> bool:
     return position.io.get(IO_GNSS_STATUS, 1) == 1
 
 
-def remove_spikes(
-    fixes: Sequence[Position], max_speed_kmh: float
-) -> tuple[list[Position], list[Position]]:
-    """Split fixes (sorted by ts, unique ts) into kept fixes and removed spikes.
-
-    Fix *i* is a spike when the speeds from the last kept fix to *i* and from *i* to
-    fix *i+1* both exceed the limit while the speed from the last kept fix to *i+1*
-    does not. A jump that the next fix confirms fails the last test and is kept. The
-    newest fix has no successor yet and is kept.
-    """
-    kept: list[Position] = []
-    spikes: list[Position] = []
-    for i, fix in enumerate(fixes):
-        if kept and i + 1 < len(fixes) and spike(kept[-1], fix, fixes[i + 1], max_speed_kmh):
-            spikes.append(fix)
-        else:
-            kept.append(fix)
-    return kept, spikes
-
-
 def spike(before: Position, fix: Position, after: Position, max_speed_kmh: float) -> bool:
     """Whether ``fix`` is a spike between the last kept fix and the next fix."""
     limit = max_speed_kmh / 3.6 / 1000.0  # metres per millisecond
@@ -75,11 +54,3 @@ def spike(before: Position, fix: Position, after: Position, max_speed_kmh: float
 
 def _too_fast(a: Position, b: Position, limit_m_per_ms: float) -> bool:
     return distance_m(a.lat, a.lon, b.lat, b.lon) > limit_m_per_ms * abs(b.ts - a.ts)
-
-
-def implied_speed_kmh(a: Position, b: Position) -> float:
-    """Speed implied by two fixes in km/h (infinite for equal times)."""
-    dt = abs(b.ts - a.ts)
-    if dt == 0:
-        return math.inf
-    return distance_m(a.lat, a.lon, b.lat, b.lon) / dt * 3600.0

@@ -36,7 +36,6 @@ from processor.domain.stage import (
     scan_segment,
 )
 
-Span = tuple[int, int]
 T = TypeVar("T")
 _LOCAL_REORDER: Final = 64  # records received out of order by at most this many: insert
 _SIGNAL_IOS: Final = frozenset({IO_CRASH, IO_BATTERY, IO_POWER_CUT, IO_JAMMING})
@@ -262,13 +261,4 @@ def _reception(record: Position) -> tuple[int, int]:
     return (record.received_at, record.ts)
 
 
-def first_at_or_after(fixes: Sequence[Position], ts: float) -> int:
-    """Index of the first record with ``ts`` at or after the given time."""
-    return bisect.bisect_left(fixes, ts, key=_ts)
-
-
-def _ts(record: Position) -> int:
-    return record.ts
-
-
-__all__ = ["EntryTrack", "Span", "StageTrack", "first_at_or_after"]
+__all__ = ["EntryTrack", "StageTrack"]
