@@ -417,3 +417,8 @@ def test_device_identity_cache_stays_bounded_and_exact() -> None:
     bad = decode_entry(STREAM_ID, entry(payload, imei=b"00000000000001x"))
     assert isinstance(bad, Rejection)
     assert bad.reason == BAD_TYPE
+
+
+def test_whitespace_and_key_order_do_not_matter() -> None:
+    pretty = json.dumps(dict(reversed(BASE.items())), indent=2).encode()
+    assert decode_entry(STREAM_ID, entry(pretty)) == decode_entry(STREAM_ID, entry(dumps(BASE)))
