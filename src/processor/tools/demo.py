@@ -26,6 +26,7 @@ import click
 import httpx
 from rich.console import Console
 from rich.live import Live
+from rich.text import Text
 
 from processor.logs import configure_logging
 from processor.settings import Settings
@@ -175,7 +176,9 @@ async def run_demo(options: DemoOptions, base: Settings) -> int:
     if not failure:
         failure = await _final(demo, console)
     if failure:
-        console.print(f"[bold red]demo failed:[/] {failure}", markup=True, highlight=False)
+        # Text, not markup: a log tail has brackets ("[error    ]") rich would parse.
+        message = Text.assemble(("demo failed: ", "bold red"), failure)
+        Console(stderr=True, highlight=False).print(message)
         return 1
     return 0
 
