@@ -43,10 +43,10 @@ def compile_shape(geofence: Geofence, order: int) -> Shape:
     coords = geometry["coordinates"]
     if geofence.kind in GATE_KINDS:
         (lon_a, lat_a), (lon_b, lat_b) = coords[0][:2], coords[-1][:2]
-        plane = Plane.at((lat_a + lat_b) / 2, (lon_a + lon_b) / 2)
+        lon0, min_lon, max_lon = lon_span([lon_a, lon_b])
+        plane = Plane.at((lat_a + lat_b) / 2, lon0)
         return Shape(
-            geofence, order, plane, min(lat_a, lat_b), max(lat_a, lat_b),
-            min(lon_a, lon_b), max(lon_a, lon_b),
+            geofence, order, plane, min(lat_a, lat_b), max(lat_a, lat_b), min_lon, max_lon,
             a=plane.xy(lat_a, lon_a), b=plane.xy(lat_b, lon_b),
         )  # fmt: skip
     if geofence.kind == "waypoint":
@@ -55,15 +55,37 @@ def compile_shape(geofence: Geofence, order: int) -> Shape:
         plane = Plane.at(lat, lon)
         dlat = radius / M_PER_DEG * 1.001
         dlon = radius / max(plane.kx, 1e-9) * 1.001
+        _, min_lon, max_lon = lon_span([lon - dlon, lon + dlon])
         return Shape(
-            geofence, order, plane, lat - dlat, lat + dlat, lon - dlon, lon + dlon, radius=radius
+            geofence, order, plane, lat - dlat, lat + dlat, min_lon, max_lon, radius=radius
         )
     rings = polygon_rings(geometry["type"], coords)
     lats = [lat for ring in rings for _, lat in ring]
-    lons = [lon for ring in rings for lon, _ in ring]
-    plane = Plane.at((min(lats) + max(lats)) / 2, (min(lons) + max(lons)) / 2)
+    lon0, min_lon, max_lon = lon_span([lon for ring in rings for lon, _ in ring])
+    plane = Plane.at((min(lats) + max(lats)) / 2, lon0)
     shape = PolygonShape(tuple(tuple(plane.xy(lat, lon) for lon, lat in ring) for ring in rings))
-    return Shape(geofence, order, plane, min(lats), max(lats), min(lons), max(lons), polygon=shape)
+    return Shape(geofence, order, plane, min(lats), max(lats), min_lon, max_lon, polygon=shape)
+
+
+def lon_span(lons: list[float]) -> tuple[float, float, float]:
+    """Centre, west and east bounds of nearby longitudes; across the antimeridian the
+    bounds are the whole circle (-180, 180), so that every segment is checked exactly."""
+    first = lons[0]
+    offsets = [_wrap(lon - first) for lon in lons]
+    west = first + min(offsets)
+    east = first + max(offsets)
+    centre = _wrap(first + (min(offsets) + max(offsets)) / 2)
+    if west < -180.0 or east > 180.0:
+        return centre, -180.0, 180.0
+    return centre, west, east
+
+
+def _wrap(lon: float) -> float:
+    if lon > 180.0:
+        return lon - 360.0
+    if lon < -180.0:
+        return lon + 360.0
+    return lon
 
 
 def cell_of(lat: float, lon: float) -> tuple[int, int]:
@@ -121,7 +143,7 @@ def _index(plan: StagePlan) -> None:
     for shape in plan.shapes:
         x0, y0 = cell_of(shape.min_lat, shape.min_lon)
         x1, y1 = cell_of(shape.max_lat, shape.max_lon)
-        if (x1 - x0 + 1) * (y1 - y0 + 1) > _MAX_CELLS or shape.max_lon - shape.min_lon > 180:
+        if (x1 - x0 + 1) * (y1 - y0 + 1) > _MAX_CELLS:
             everywhere.append(shape)
             continue
         for x in range(x0, x1 + 1):
