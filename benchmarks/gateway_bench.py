@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import math
 import os
@@ -29,6 +30,7 @@ import threading
 import time
 import urllib.request
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,40 +82,133 @@ def _published_at(frame: bytes) -> int | None:
     return int(frame[start:end])
 
 
-async def _client(url: str, channels: list[str], stats: ClientStats, gate: asyncio.Semaphore):
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
+class LeanClient(asyncio.Protocol):
+    """A minimal RFC 6455 client: handshake, frame boundaries, pong, nothing more.
 
+    Thousands of clients share a process here, so each must cost little per frame: only
+    the first bytes of an update are inflated to read ``published_at``; the rest of the
+    frame is skipped. (The tests use the full ``websockets`` client.)
+    """
+
+    def __init__(self, stats: ClientStats, channels: list[str], compression: bool) -> None:
+        self.stats, self.channels, self.compression = stats, channels, compression
+        self.buffer = bytearray()
+        self.handshaken = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.upgraded = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        extensions = (
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            if self.compression
+            else ""
+        )
+        transport.write(
+            (
+                "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{extensions}\r\n"
+            ).encode()
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.upgraded:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(self.buffer[:12])
+            del self.buffer[: end + 4]
+            if not status.endswith(b"101"):
+                self.handshaken.set_exception(ConnectionError(status.decode(errors="replace")))
+                return
+            self.upgraded = True
+            for channel in self.channels:
+                self._send(1, orjson.dumps({"type": "subscribe", "channel": channel}))
+            self.handshaken.set_result(None)
+        self._frames()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stats.closed += 1
+        if not self.handshaken.done():
+            self.handshaken.set_exception(exc or ConnectionError("closed"))
+
+    def _frames(self) -> None:
+        buffer = self.buffer
+        while len(buffer) >= 2:
+            first, length = buffer[0], buffer[1] & 0x7F
+            offset = 2
+            if length == 126:
+                if len(buffer) < 4:
+                    return
+                length, offset = int.from_bytes(buffer[2:4], "big"), 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    return
+                length, offset = int.from_bytes(buffer[2:10], "big"), 10
+            if len(buffer) < offset + length:
+                return
+            head = bytes(buffer[offset : offset + min(length, 256)])
+            self._frame(
+                first, head, bytes(buffer[offset : offset + length]) if first & 0x40 else b""
+            )
+            del buffer[: offset + length]
+
+    def _frame(self, first: int, head: bytes, whole: bytes) -> None:
+        opcode = first & 0x0F
+        if opcode == 0x9:  # ping: answer with the same payload
+            self._send(0xA, head)
+            return
+        if opcode != 0x1:
+            return
+        text = zlib.decompressobj(-15).decompress(whole, 200) if first & 0x40 else head
+        if text.startswith(b'{"type":"snapshot"'):
+            self.stats.snapshots += 1
+            return
+        published = _published_at(text) if text.startswith(b'{"type":"update"') else None
+        if published is None:
+            return
+        self.stats.updates += 1
+        if self.stats.measuring:
+            delay = int(time.time() * 1000) - published
+            self.stats.hist[min(max(delay, 0), HIST_MAX_MS)] += 1
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        assert self.transport is not None
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        header = (
+            bytes([0x80 | opcode, 0x80 | len(payload)])
+            if len(payload) < 126
+            else (bytes([0x80 | opcode, 0x80 | 126]) + len(payload).to_bytes(2, "big"))
+        )
+        self.transport.write(header + mask + masked)
+
+
+async def _client(
+    port: int, channels: list[str], stats: ClientStats, gate: asyncio.Semaphore, compression: bool
+) -> asyncio.Transport | None:
+    loop = asyncio.get_running_loop()
+    error: Exception | None = None
     async with gate:
-        error: Exception | None = None
         for attempt in range(5):
             try:
-                ws = await connect(url, compression=None, max_size=2**24, open_timeout=60)
-                break
+                transport, protocol = await loop.create_connection(
+                    lambda: LeanClient(stats, channels, compression), "127.0.0.1", port
+                )
+                await asyncio.wait_for(protocol.handshaken, 60)
+                stats.connected += 1
+                return transport
             except Exception as exc:  # noqa: BLE001 - any failure counts as a failed client
                 error = exc
                 await asyncio.sleep(0.2 * (attempt + 1))
-        else:
-            stats.failed += 1
-            if stats.failed <= 3:
-                print(f"client failed to connect: {error!r}", file=sys.stderr)
-            return
-        for channel in channels:
-            await ws.send(orjson.dumps({"type": "subscribe", "channel": channel}).decode())
-    stats.connected += 1
-    try:
-        while True:
-            frame = await ws.recv(decode=False)
-            published = _published_at(frame) if frame.startswith(b'{"type":"update"') else None
-            if published is None:
-                stats.snapshots += frame.startswith(b'{"type":"snapshot"')
-                continue
-            stats.updates += 1
-            if stats.measuring:
-                delay = int(time.time() * 1000) - published
-                stats.hist[min(max(delay, 0), HIST_MAX_MS)] += 1
-    except ConnectionClosed:
-        stats.closed += 1
+    stats.failed += 1
+    if stats.failed <= 3:
+        print(f"client failed to connect: {error!r}", file=sys.stderr)
+    return None
 
 
 def _read_commands(loop: asyncio.AbstractEventLoop, commands: asyncio.Queue[str]) -> None:
@@ -121,7 +216,7 @@ def _read_commands(loop: asyncio.AbstractEventLoop, commands: asyncio.Queue[str]
         loop.call_soon_threadsafe(commands.put_nowait, line.strip())
 
 
-async def clients_main(port: int, count: int, channels: list[str]) -> None:
+async def clients_main(port: int, count: int, channels: list[str], compression: bool) -> None:
     """Open ``count`` clients; report readiness, then measure on the parent's command."""
     raise_fd_limit()
     stats = ClientStats()
@@ -129,8 +224,9 @@ async def clients_main(port: int, count: int, channels: list[str]) -> None:
     commands: asyncio.Queue[str] = asyncio.Queue()
     threading.Thread(target=_read_commands, args=(loop, commands), daemon=True).start()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-    url = f"ws://127.0.0.1:{port}/ws"
-    tasks = [asyncio.create_task(_client(url, channels, stats, gate)) for _ in range(count)]
+    tasks = [
+        asyncio.create_task(_client(port, channels, stats, gate, compression)) for _ in range(count)
+    ]
     await _wait_connected(stats, count, len(channels))
     _emit({"ready": stats.connected, "failed": stats.failed})
     while (command := await commands.get()) != "report":
@@ -259,7 +355,7 @@ def _free_port() -> int:
         return port
 
 
-def start_gateway(port: int, prefix: str) -> subprocess.Popen[bytes]:
+def start_gateway(port: int, prefix: str, shared: bool) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PROCESSOR_REDIS_URL": REDIS_URL,
@@ -269,14 +365,17 @@ def start_gateway(port: int, prefix: str) -> subprocess.Popen[bytes]:
         "PROCESSOR_GATEWAY_CONNECT_RATE_PER_S": "1000000",
         "PROCESSOR_GATEWAY_CONNECT_BURST": "1000000",
         "PROCESSOR_LOG_LEVEL": "warning",
+        "PROCESSOR_GATEWAY_REUSE_PORT": "true" if shared else "false",
     }
     cmd = [sys.executable, "-m", "processor", "gateway"]
     gateway = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return gateway
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1),
+        ):
+            return gateway
         time.sleep(0.2)
     gateway.kill()
     raise RuntimeError("gateway did not start")
@@ -285,8 +384,8 @@ def start_gateway(port: int, prefix: str) -> subprocess.Popen[bytes]:
 class ClientProcs:
     """Client processes driven over stdin/stdout with JSON lines."""
 
-    def __init__(self, port: int, counts: list[int], channels: list[str]) -> None:
-        cmd = [sys.executable, "-m", "benchmarks.gateway_bench", "--role", "clients"]
+    def __init__(self, port: int, counts: list[int], channels: list[str], *extra: str) -> None:
+        cmd = [sys.executable, "-m", "benchmarks.gateway_bench", "--role", "clients", *extra]
         self.procs = [
             subprocess.Popen(
                 [*cmd, "--port", str(port), "--count", str(n), "--channels", ",".join(channels)],
@@ -329,11 +428,12 @@ class ClientProcs:
 
 
 async def measure(
-    name: str, clients: ClientProcs, gateway: psutil.Process, seconds: float
+    name: str, clients: ClientProcs, gateway: list[psutil.Process], seconds: float, settle: float
 ) -> Phase:
     ready = await clients.wait_ready()
+    await asyncio.sleep(settle)  # steady state: let the connection storm's backlog drain
     others = [psutil.Process(pid) for pid in clients.pids()]
-    before = _cpu(gateway), sum(_cpu(p) for p in others), time.monotonic()
+    before = sum(_cpu(g) for g in gateway), sum(_cpu(p) for p in others), time.monotonic()
     clients.command("measure")
     await asyncio.sleep(seconds)
     reports = await clients.report()
@@ -342,8 +442,10 @@ async def measure(
     for report in reports:
         for ms, n in report["hist"].items():
             merged[int(ms)] = merged.get(int(ms), 0) + n
-    gateway_cpu = (_cpu(gateway) - before[0]) / elapsed * 100
-    total = (_cpu(gateway) + sum(_cpu(p) for p in others) - before[0] - before[1]) / elapsed
+    gateway_cpu = (sum(_cpu(g) for g in gateway) - before[0]) / elapsed * 100
+    total = (
+        sum(_cpu(g) for g in gateway) + sum(_cpu(p) for p in others) - before[0] - before[1]
+    ) / elapsed
     return Phase(
         name,
         ready,
@@ -373,6 +475,12 @@ def print_phases(phases: list[Phase], args: argparse.Namespace) -> None:
         f"gateway fan-out: {args.vehicles} vehicles at 1 Hz (commits every {args.commit_ms} ms),"
         f" stage leaderboard every {args.leaderboard_s} s; {os.cpu_count()} CPUs"
     )
+    compression = "off" if args.no_compression else "on"
+    load1, load5, _ = os.getloadavg()
+    print(
+        f"gateway processes {args.gateway_procs}, client processes {args.client_procs},"
+        f" compression {compression}; load average {load1:.1f} (1 min) {load5:.1f} (5 min)"
+    )
     header = (
         f"{'phase':<10} {'clients':>7} {'frames':>9} {'frames/s':>9} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'max ms':>7} {'gw CPU%':>8} {'gw+cl CPU%':>10} {'closed':>6}"
@@ -400,29 +508,33 @@ async def orchestrate(args: argparse.Namespace) -> None:
     prefix = f"bench:{uuid.uuid4().hex[:8]}:live"
     port = _free_port()
     redis = aioredis.Redis.from_url(REDIS_URL)
-    gateway = start_gateway(port, prefix)
+    shared = args.gateway_procs > 1
+    gateways = [start_gateway(port, prefix, shared) for _ in range(args.gateway_procs)]
     channels = ["stage:1:leaderboard", "event:1:positions"]
     publisher_task = asyncio.create_task(publish_forever(LivePublisher(redis, prefix), args))
     phases: list[Phase] = []
+    running: list[ClientProcs] = []
     try:
-        gw = psutil.Process(gateway.pid)
-        reference = ClientProcs(port, [1], channels)
-        phases.append(await measure("reference", reference, gw, args.reference_s))
-        reference.stop()
-        share = args.clients // args.client_procs
-        counts = [share] * (args.client_procs - 1) + [args.clients - share * (args.client_procs - 1)]
+        gw = [psutil.Process(gateway.pid) for gateway in gateways]
+        extra = ["--no-compression"] if args.no_compression else []
+        running.append(ClientProcs(port, [1], channels, *extra))
+        phases.append(await measure("reference", running[-1], gw, args.reference_s, 1.0))
+        running.pop().stop()
+        counts = _split(args.clients, args.client_procs)
+        running.append(ClientProcs(port, counts, channels, *extra))
         started = time.monotonic()
-        load = ClientProcs(port, counts, channels)
-        phase = await measure("load", load, gw, args.duration)
-        print(f"connected {phase.clients} clients in {time.monotonic() - started - phase.seconds:.1f} s")
+        phase = await measure("load", running[-1], gw, args.duration, args.settle_s)
+        ramp = time.monotonic() - started - phase.seconds - args.settle_s
+        print(f"connected {phase.clients} clients (+ snapshots) in {ramp:.1f} s")
         phases.append(phase)
-        load.stop()
     finally:
+        for procs in running:
+            procs.stop()
         publisher_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await publisher_task
-        gateway.terminate()
-        gateway.wait(timeout=30)
+        for gateway in gateways:
+            _stop(gateway)
         keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
         if keys:
             await redis.delete(*keys)
@@ -430,15 +542,32 @@ async def orchestrate(args: argparse.Namespace) -> None:
     print_phases(phases, args)
 
 
+def _split(total: int, parts: int) -> list[int]:
+    share = total // parts
+    return [share] * (parts - 1) + [total - share * (parts - 1)]
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=5_000)
     parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument("--gateway-procs", type=int, default=1, help="sharing the port")
     parser.add_argument("--vehicles", type=int, default=200)
     parser.add_argument("--commit-ms", type=int, default=200)
     parser.add_argument("--leaderboard-s", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--reference-s", type=float, default=5.0)
+    parser.add_argument("--settle-s", type=float, default=10.0)
+    parser.add_argument("--no-compression", action="store_true", help="clients decline deflate")
     parser.add_argument("--role", choices=["orchestrate", "clients"], default="orchestrate")
     parser.add_argument("--port", type=int)
     parser.add_argument("--count", type=int)
@@ -449,7 +578,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.role == "clients":
-        asyncio.run(clients_main(args.port, args.count, args.channels.split(",")))
+        channels = args.channels.split(",")
+        asyncio.run(clients_main(args.port, args.count, channels, not args.no_compression))
     else:
         asyncio.run(asyncio.wait_for(orchestrate(args), timeout=600))
 

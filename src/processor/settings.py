@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     gateway_subscribe_burst: PositiveInt = 20
     gateway_max_subscriptions: PositiveInt = 16
     gateway_compression: bool = True
+    gateway_reuse_port: bool = False
 
     # Domain events (outbox → webhooks)
     directus_url: AnyUrl | None = None

@@ -31,6 +31,7 @@ Row = Mapping[str, Any]
 ALERTS_KEPT = 100
 TRAIL_POINTS = 20
 POSITION_INTERVAL_S = 1.0
+POSITION_BATCH_S = 0.5
 # Commits do not land exactly a second apart: a position 0.95 s after the last one sent is
 # let through rather than held back a whole extra commit.
 JITTER_FRACTION = 0.2
@@ -157,19 +158,34 @@ class PositionThrottle:
     Pure bookkeeping with the clock given as an argument. A position older than or as old
     as the entry's last accepted one (a device's backlog upload) is dropped: the live map
     shows where a vehicle is now. Within the interval the newest position waits as pending
-    and leaves with a later call once the interval is over.
+    and leaves with a later call once the interval is over. Positions of one event leave
+    together, at most one batch per ``batch_s``: every update costs the gateway a write per
+    watching client, so fewer, fuller updates are what lets it serve thousands.
     """
 
-    def __init__(self, interval_s: float = POSITION_INTERVAL_S, capacity: int = THROTTLE_CAPACITY):
+    def __init__(
+        self,
+        interval_s: float = POSITION_INTERVAL_S,
+        batch_s: float = POSITION_BATCH_S,
+        capacity: int = THROTTLE_CAPACITY,
+    ):
         self._interval = interval_s
+        self._batch = batch_s
         self._capacity = capacity
         self._entries: OrderedDict[tuple[str, str], _EntryThrottle] = OrderedDict()
+        self._event_sent: dict[str, float] = {}
 
     def offer(self, event_id: str, rows: Sequence[Row], now: float) -> list[dict[str, Any]]:
-        """Take new rows; return the rows (with trails) to publish now."""
+        """Take new rows; return the rows to publish now (at most one batch per batch_s)."""
         for row in rows:
             self._accept(event_id, row)
-        return self.due(event_id, now)
+        last = self._event_sent.get(event_id, float("-inf"))
+        if now - last < self._batch * (1 - JITTER_FRACTION):
+            return []
+        due = self.due(event_id, now)
+        if due:
+            self._event_sent[event_id] = now
+        return due
 
     def due(self, event_id: str, now: float, *, force: bool = False) -> list[dict[str, Any]]:
         """Pending rows of an event whose interval is over (all of them with ``force``)."""
@@ -212,8 +228,9 @@ class LivePublisher:
 
     Construct once per process with an asyncio Redis client and the ``live_prefix``
     setting; every method is safe to call after each commit. Positions are throttled to
-    one per entry per second (see :class:`PositionThrottle`); call :meth:`flush` on a
-    timer or at shutdown so a waiting position is not held back indefinitely.
+    one per entry per second, sent per event at most every half second (see
+    :class:`PositionThrottle`); call :meth:`flush` on a timer (e.g. each domain tick) and
+    at shutdown so a waiting position is not held back when no further commit comes.
     """
 
     def __init__(
@@ -224,19 +241,21 @@ class LivePublisher:
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = _now_ms,
         position_interval_s: float = POSITION_INTERVAL_S,
+        position_batch_s: float = POSITION_BATCH_S,
     ) -> None:
         self._redis = redis
         self.keys = LiveKeys(prefix)
         self._clock = clock
         self._wall_ms = wall_ms
-        self._throttle = PositionThrottle(position_interval_s)
+        self._throttle = PositionThrottle(position_interval_s, position_batch_s)
         self._script = redis.register_script(_PUBLISH_SCRIPT)
 
     async def publish_positions(self, event_id: object, rows: Sequence[Row]) -> int | None:
-        """Store and publish the newest position per entry, at most once a second each.
+        """Store and publish the newest position per entry, about once a second each.
 
-        Rows: ``{"number", "imei", "ts", "lat", "lon", "speed", "angle"}``. Returns the
-        update's sequence number, or None when every row was throttled or stale.
+        Rows: ``{"number", "imei", "ts", "lat", "lon", "speed", "angle"}``. An event's
+        positions go out together at most every ``position_batch_s`` (0.5 s). Returns the
+        update's sequence number, or None when the rows wait (or were stale).
         """
         due = self._throttle.offer(str(event_id), rows, self._clock())
         return await self._send_positions(str(event_id), due)

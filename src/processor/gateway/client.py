@@ -19,7 +19,7 @@ from websockets.protocol import State
 
 from processor.gateway import metrics
 from processor.gateway.coalesce import Outbox
-from processor.gateway.state import Update
+from processor.gateway.state import SharedFrame, Update
 
 SLOW_CLOSE_CODE = 1013  # "try again later": the client could not keep up
 ABORT_AFTER_S = 2.0
@@ -57,12 +57,18 @@ class Client:
         """
         self.ws.transport.write(update.wire(self.window_bits))
 
-    def send_frame(self, channel: str, frame: bytes, *, snapshot: bool = False) -> None:
-        """Send a control or snapshot frame in order with the channel's updates."""
+    def send_snapshot(self, channel: str, frame: SharedFrame) -> None:
+        """Send a channel's snapshot, ahead of the channel's next updates."""
+        if self.caught_up():
+            self.ws.transport.write(frame.wire(self.window_bits))
+            metrics.FRAMES_SENT.labels("direct").inc()
+        else:
+            self._queued(self.outbox.push_snapshot(channel, frame.payload))
+
+    def send_control(self, frame: bytes) -> None:
+        """Send a control frame (pong, error, unsubscribed) after what is pending."""
         if self.caught_up():
             write_direct([self.ws], frame)
-        elif snapshot:
-            self._queued(self.outbox.push_snapshot(channel, frame))
         else:
             self._queued(self.outbox.push_control(frame))
 

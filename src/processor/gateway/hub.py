@@ -66,7 +66,7 @@ class Hub:
             return
         self._subscribers.setdefault(channel, set()).add(client)
         metrics.SUBSCRIPTIONS.inc()
-        client.send_frame(channel, state.snapshot(), snapshot=True)
+        client.send_snapshot(channel, state.snapshot())
 
     def unsubscribe(self, client: Client, channel: str) -> None:
         """Remove a client from a channel; forget the channel when nobody watches it."""
@@ -114,7 +114,7 @@ class Hub:
             self._states[channel] = state
             if resend:
                 for client in list(self._subscribers.get(channel, ())):
-                    client.send_frame(channel, state.snapshot(), snapshot=True)
+                    client.send_snapshot(channel, state.snapshot())
         finally:
             self._buffered.pop(channel, None)
             self._loads.pop(channel, None)
@@ -145,6 +145,7 @@ class Hub:
         self._fan_out(update)
 
     def _fan_out(self, update: Update) -> None:
+        started = time.perf_counter()
         direct = 0
         for client in self._subscribers.get(update.channel, ()):
             if client.caught_up():
@@ -153,6 +154,7 @@ class Hub:
             else:
                 client.queue(update)
         metrics.FRAMES_SENT.labels("direct").inc(direct)
+        metrics.FAN_OUT.observe(time.perf_counter() - started)
         metrics.PUBLISH_DELAY.observe(max(0.0, time.time() - update.published_at / 1000))
 
     def _reload(self, channel: str) -> None:

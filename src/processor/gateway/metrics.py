@@ -22,3 +22,8 @@ PUBLISH_DELAY = Histogram(
     "Publish to fan-out delay, from the update's published_at.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+FAN_OUT = Histogram(
+    "gateway_fan_out_seconds",
+    "Time to hand one update to every local subscriber.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+)

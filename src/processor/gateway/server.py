@@ -103,6 +103,8 @@ class Gateway:
             # Reconnect storms (a load balancer failing over) must not overflow the accept
             # queue: dropped SYNs are retried by clients only after seconds.
             backlog=LISTEN_BACKLOG,
+            # Several gateway processes may share one port; the kernel spreads connections.
+            reuse_port=s.gateway_reuse_port,
         )
         log.info("gateway listening", host=s.gateway_host, port=self.port)
 
@@ -184,18 +186,18 @@ class Gateway:
 
     async def _dispatch(self, client: Client, bucket: TokenBucket, request: Request) -> None:
         if isinstance(request, Ping):
-            client.send_frame("", encode({"type": "pong", "ts": time.time_ns() // 10**6}))
+            client.send_control(encode({"type": "pong", "ts": time.time_ns() // 10**6}))
         elif isinstance(request, Unsubscribe):
             self.hub.unsubscribe(client, request.channel)
             client.forget(request.channel)
-            client.send_frame("", encode({"type": "unsubscribed", "channel": request.channel}))
+            client.send_control(encode({"type": "unsubscribed", "channel": request.channel}))
         else:
             await self._subscribe(client, bucket, request)
 
     @staticmethod
     def _reply_error(client: Client, exc: ProtocolError, channel: str | None) -> None:
         metrics.REJECTED.labels(exc.code).inc()
-        client.send_frame("", error(exc.code, exc.message, channel))
+        client.send_control(error(exc.code, exc.message, channel))
 
     async def _subscribe(self, client: Client, bucket: TokenBucket, request: Subscribe) -> None:
         if not bucket.allow(time.monotonic()):

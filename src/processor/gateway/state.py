@@ -21,6 +21,27 @@ from processor.gateway.protocol import encode
 DEFLATE_LEVEL = 6  # compressed once per update, not per client: ratio matters more
 
 
+class SharedFrame:
+    """A message's JSON and its wire encodings, built once and written to many clients."""
+
+    __slots__ = ("_wire", "payload")
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self._wire: dict[int, bytes] = {}
+
+    def wire(self, window_bits: int) -> bytes:
+        """The complete WebSocket frame, compressed for ``window_bits`` (0: plain).
+
+        Compression without context takeover makes each message independent of the
+        connection, so the same compressed bytes are valid for every client.
+        """
+        frame = self._wire.get(window_bits)
+        if frame is None:
+            frame = self._wire[window_bits] = wire_frame(self.payload, window_bits)
+        return frame
+
+
 @dataclass(frozen=True)
 class Update:
     """One update as published, with its client frame encoded once for every client."""
@@ -31,19 +52,14 @@ class Update:
     published_at: int
     data: Any
     frame: bytes
-    _wire: dict[int, bytes] = field(default_factory=dict, compare=False, repr=False)
+    shared: SharedFrame = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shared", SharedFrame(self.frame))
 
     def wire(self, window_bits: int) -> bytes:
-        """The complete WebSocket frame, compressed for ``window_bits`` (0: plain).
-
-        Built once per update and kind of client, then written as is to every caught-up
-        client: compression without context takeover makes each message independent
-        of the connection, so the same compressed bytes are valid for all.
-        """
-        frame = self._wire.get(window_bits)
-        if frame is None:
-            frame = self._wire[window_bits] = wire_frame(self.frame, window_bits)
-        return frame
+        """The update's WebSocket frame for a client with this compression window."""
+        return self.shared.wire(window_bits)
 
 
 def wire_frame(payload: bytes, window_bits: int) -> bytes:
@@ -91,7 +107,7 @@ class ChannelState:
         self.channel = channel
         self.kind = channel_kind(channel)
         self.seq = seq
-        self._frame: bytes | None = None
+        self._frame: SharedFrame | None = None
 
     def apply(self, update: Update) -> None:
         """Fold an update (already checked to be the next in sequence) into the state."""
@@ -99,10 +115,10 @@ class ChannelState:
         self._frame = None
         self._apply(update.data)
 
-    def snapshot(self) -> bytes:
+    def snapshot(self) -> SharedFrame:
         """The snapshot frame for the current state (cached until the next update)."""
         if self._frame is None:
-            self._frame = snapshot_frame(self.channel, self.seq, self.data())
+            self._frame = SharedFrame(snapshot_frame(self.channel, self.seq, self.data()))
         return self._frame
 
     def data(self) -> Any:
