@@ -189,3 +189,15 @@ def test_replay_command_missing_file_and_database_options(tmp_path: Path) -> Non
     assert "cannot read course file" in missing.output
     assert runner.invoke(replay, ["--stage", "1"]).exit_code == 2
     assert "--stage needs --event" in runner.invoke(replay, ["--stage", "1"]).output
+
+
+def test_replay_now_closes_stages_and_output_goes_to_a_file(tmp_path: Path) -> None:
+    fixes = track([-5.0 + 10 * i for i in range(50)], 1000)  # started, never finished
+    out = tmp_path / "result.json"
+    args = [*_files(tmp_path, _csv(fixes)), "--now", "2024-06-01T18:00:00Z", "-o", str(out)]
+    result = CliRunner().invoke(replay, args)
+    assert result.exit_code == 0, result.output
+    assert orjson.loads(out.read_bytes())["stage_results"][0]["status"] == "dnf"
+    bad = CliRunner().invoke(replay, [*_files(tmp_path, _csv(fixes)), "--now", "soon"])
+    assert bad.exit_code == 2
+    assert "--now" in bad.output
