@@ -16,7 +16,7 @@ import click
 import orjson
 
 from processor.domain.engine import evaluate
-from processor.domain.model import Course, CourseError
+from processor.domain.model import Course, CourseError, Position
 from processor.domain.output import to_json, to_table
 from processor.domain.positions_csv import PositionsError, parse_positions
 from processor.domain.rows import DomainResult
@@ -49,7 +49,7 @@ def load_course(path: Path) -> Course:
         raise ReplayInputError(f"{path}: {exc}") from exc
 
 
-def load_positions(path: Path) -> list[Any]:
+def load_positions(path: Path) -> list[Position]:
     """Read and parse a positions CSV file."""
     try:
         with path.open(encoding="utf-8", newline="") as handle:
