@@ -70,6 +70,32 @@ def test_start_times_refer_to_entries_by_number_and_stages_by_name() -> None:
             "geofences.features[0].geometry",
         ),
         (lambda d: d["entries"][0].update(number="x"), "entries[0].number"),
+        (
+            lambda d: d["geofences"]["features"].append(
+                {
+                    "type": "Feature",
+                    "geometry": {
+                        "type": "Polygon",
+                        "coordinates": [[14, 45], [14.1, 45], [14, 45.1]],
+                    },
+                    "properties": {"kind": "forbidden_zone", "name": "Flat", "stage": 1},
+                }
+            ),
+            "geofences.features[2].geometry.coordinates",
+        ),
+        (
+            lambda d: d["geofences"]["features"].append(
+                {
+                    "type": "Feature",
+                    "geometry": {
+                        "type": "Polygon",
+                        "coordinates": [[[14, 45], [14.1, 45], [14, 45]]],
+                    },
+                    "properties": {"kind": "forbidden_zone", "name": "Thin", "stage": 1},
+                }
+            ),
+            "geofences.features[2].geometry",
+        ),
         (lambda d: d["stages"][0].update(opens_at="yesterday"), "stages[0].opens_at"),
         (
             lambda d: d["geofences"]["features"][0]["properties"].update(stage=99),

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
+from processor.domain.geometry import polygon_rings
 from processor.domain.model import (
     GATE_KINDS,
     GEOFENCE_KINDS,
@@ -210,17 +211,39 @@ def _check_geometry(geofence: Geofence, where: str) -> None:
     )
     if geometry.get("type") not in expected:
         raise CourseError(f"{where}.geometry: a {kind} must be a {' or '.join(expected)}")
+    coordinates = geometry.get("coordinates")
+    if not isinstance(coordinates, list) or not _nested(coordinates, _DEPTH[geometry["type"]]):
+        raise CourseError(
+            f"{where}.geometry.coordinates: not the nesting of a GeoJSON {geometry['type']}"
+        )
     try:
-        points = list(_coordinates(geometry.get("coordinates")))
+        points = list(_coordinates(coordinates))
     except (TypeError, ValueError) as exc:
         raise CourseError(f"{where}.geometry.coordinates: {exc}") from exc
     minimum = 2 if kind in GATE_KINDS else 1 if kind == "waypoint" else 3
-    if len(points) < minimum:
+    if len(points) < minimum or (
+        kind in ZONE_KINDS and not polygon_rings(geometry["type"], coordinates)
+    ):
         raise CourseError(f"{where}.geometry: too few coordinates for a {kind}")
     if kind == "waypoint" and geofence.radius_m is None:
         raise CourseError(f"{where}.properties.radius_m: a waypoint needs a radius")
     if kind == "speed_zone" and geofence.speed_limit_kmh is None:
         raise CourseError(f"{where}.properties.speed_limit_kmh: a speed zone needs a limit")
+
+
+# How many list levels sit above a position ([lon, lat]) in each geometry type.
+_DEPTH = {"Point": 0, "LineString": 1, "Polygon": 2, "MultiPolygon": 3}
+
+
+def _nested(value: object, depth: int) -> bool:
+    """Whether ``value`` is ``depth`` levels of non-empty lists around positions."""
+    if not isinstance(value, list) or not value:
+        return False
+    if depth == 0:
+        return len(value) >= 2 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value
+        )
+    return all(_nested(item, depth - 1) for item in value)
 
 
 def _coordinates(value: object) -> list[tuple[float, float]]:
@@ -315,4 +338,4 @@ def _entry_ref(item: Mapping[str, Any], entries: Sequence[Entry], where: str) ->
     raise CourseError(f"{where}.entry: no entry with id {value!r}")
 
 
-__all__ = ["ZONE_KINDS", "course_from_dict"]
+__all__ = ["course_from_dict"]
