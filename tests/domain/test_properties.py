@@ -192,3 +192,54 @@ def test_no_input_makes_the_engine_raise(
         affected |= engine.tick(now)
     to_json(engine.result_for(affected))
     assert all(math.isfinite(a.started_at) for a in result.anomalies)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**6), 10**6)
+    | st.floats(-200, 200)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            out += _paths(item, (*prefix, index))
+    return out
+
+
+def _replace(document: object, path: tuple, new: object) -> object:
+    if not path:
+        return new
+    head, *rest = path
+    copy = dict(document) if isinstance(document, dict) else list(document)
+    copy[head] = _replace(copy[head], tuple(rest), new)
+    return copy
+
+
+@FAST
+@given(data=st.data())
+def test_a_mangled_course_file_is_rejected_cleanly_or_evaluated(data: st.DataObject) -> None:
+    import orjson
+
+    from processor.domain.model import CourseError
+
+    document = orjson.loads(orjson.dumps(_course(True).to_dict()))
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(_paths(document)))
+        document = _replace(document, path, data.draw(json_values))
+    try:
+        mangled = Course.from_dict(document)
+    except CourseError:
+        return
+    evaluate(mangled, data.draw(tracks()), T0 + 1_000_000)
