@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 
@@ -243,3 +244,15 @@ def test_a_mangled_course_file_is_rejected_cleanly_or_evaluated(data: st.DataObj
     except CourseError:
         return
     evaluate(mangled, data.draw(tracks()), T0 + 1_000_000)
+
+
+@FAST
+@given(lines=st.lists(st.text(max_size=80), max_size=6), header=st.booleans())
+def test_any_text_parses_or_fails_with_a_positions_error(lines: list[str], header: bool) -> None:
+    from processor.domain.positions_csv import PositionsError, parse_positions
+
+    text = (
+        ["imei,ts,lat,lon,alt,angle,sat,speed,priority,event_io,received_at,io\n"] if header else []
+    )
+    with contextlib.suppress(PositionsError):
+        parse_positions([*text, *(line + "\n" for line in lines)])

@@ -14,12 +14,15 @@ import binascii
 import csv
 import math
 from collections.abc import Iterable, Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import orjson
 
 from processor.domain.model import IoValue, Position
 from processor.domain.timeutil import MAX_MS, MIN_MS, TimeFormatError, parse_iso_ms
+
+if TYPE_CHECKING:
+    from _csv import Reader
 
 COLUMNS: Final = (
     "imei", "ts", "lat", "lon", "alt", "angle", "sat", "speed",
@@ -48,6 +51,13 @@ def parse_positions(lines: Iterable[str]) -> list[Position]:
 def iter_positions(lines: Iterable[str]) -> Iterator[Position]:
     """Positions one by one; raises :class:`PositionsError` at the first bad row."""
     reader = csv.reader(lines)
+    try:
+        yield from _rows(reader)
+    except csv.Error as exc:  # e.g. an unterminated quote swallowing the file
+        raise PositionsError(reader.line_num, None, f"not CSV: {exc}") from exc
+
+
+def _rows(reader: Reader) -> Iterator[Position]:
     try:
         header = next(reader)
     except StopIteration:
