@@ -33,6 +33,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROCESSOR = str(Path(sys.executable).with_name("processor"))
 RESULT_TABLES = ("timing_records", "penalties", "stage_results", "anomalies")
+_OF_EVENT = {
+    "timing_records": "event = $1",
+    "penalties": "stage IN (SELECT id FROM stages WHERE event = $1)",
+    "stage_results": "stage IN (SELECT id FROM stages WHERE event = $1)",
+    "anomalies": "event = $1",
+}
 
 
 def simulate(settings: Settings, course_out: Path) -> None:
@@ -56,7 +62,7 @@ async def stored_rows(
         (domain_store.TIMING, domain_store.PENALTIES, domain_store.RESULTS, domain_store.ANOMALIES),
         strict=True,
     ):
-        rows = await conn.fetch(f"SELECT * FROM {table} WHERE $1::int IS NOT NULL", event_id)
+        rows = await conn.fetch(f"SELECT * FROM {table} WHERE {_OF_EVENT[table]}", event_id)
         out[table] = {_key(spec, dict(r)) for r in rows}
     return out
 

@@ -47,6 +47,7 @@ log = get_logger("domain")
 GROUP = "domain"
 CONSUMER = "owner"  # one name for every owner: a new owner's pending entries are its own
 COURSE_POLL_S = 10.0
+_RANK_LOCK = 0x72616E6B  # advisory lock namespace of stage ranking: "rank"
 COURSE_FINGERPRINT = """
 SELECT md5(concat_ws('#',
   (SELECT string_agg(t::text, '|' ORDER BY t.id) FROM events t),
@@ -230,6 +231,15 @@ class DomainLive:
         self.runs[shard] = runs
         self.pending_phase.add(shard)
 
+    async def _adopt_or_release(self, shard: int) -> None:
+        """Adopt a shard just acquired; on failure give it back so a later step retries."""
+        try:
+            await self.adopt(shard)
+        except Exception:  # the lease goes back; this or another instance adopts it later
+            log.exception("adopting a shard failed, releasing it", shard=shard)
+            self.drop(shard)
+            await self.leases.release(shard)
+
     def drop(self, shard: int) -> None:
         self.runs.pop(shard, None)
         self.pending_phase.discard(shard)
@@ -254,6 +264,28 @@ class DomainLive:
 
     async def write(self, run: ShardRun, affected: set[tuple[Any, int]]) -> None:
         """Sync the affected units of one shard run, fenced by its lease token."""
+        try:
+            await self._write(run, affected)
+        except LeaseLostError:
+            if not await self._recover_token(run.shard):
+                raise
+            await self._write(run, affected)
+
+    async def _recover_token(self, shard: int) -> bool:
+        """After a failed fence: if Redis still says we hold the lease, its tokens were
+        lost (restart); move ours past the database's and go on. False: really lost."""
+        async with self.pool.acquire() as conn:
+            stored = await conn.fetchval(
+                "SELECT token FROM processor.domain_shards WHERE shard = $1", shard
+            )
+        token = await self.leases.raise_token(shard, int(stored or 0) + 1)
+        if token is None:
+            log.warning("shard lease lost", shard=shard)
+            return False
+        log.warning("shard token raised past the stored one", shard=shard, token=token)
+        return True
+
+    async def _write(self, run: ShardRun, affected: set[tuple[Any, int]]) -> None:
         token = self.leases.owned.get(run.shard)
         if token is None:
             raise LeaseLostError(f"shard {run.shard} is no longer owned")
@@ -263,6 +295,10 @@ class DomainLive:
         stages = sorted({s for s, _ in units})
         async with self.pool.acquire() as conn, conn.transaction():
             await store.fence(conn, run.shard, token, self.leases.instance)
+            # Stage locks first, in order: ranking reads every entry's row of a stage, so
+            # taking them after writing rows would deadlock two shards' writers.
+            for stage_id in stages:
+                await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", _RANK_LOCK, stage_id)
             changes: list[Change] = []
             for stage_id, entry_id in units:
                 changes += await store.sync_entry_stage(
@@ -271,7 +307,6 @@ class DomainLive:
             for entry_id in sorted({e for _, e in units}):
                 changes += await store.sync_entry_anomalies(conn, result, run.event_id, entry_id)
             for stage_id in stages:
-                await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", 0x72616E6B, stage_id)
                 changes += await store.rank_stage_rows(conn, stage_id)
             await record(conn, domain_events(changes, run.event_id, numbers))
         await self.views.publish_stages(self.pool, run.event_id, run.course, stages, changes)
@@ -287,7 +322,7 @@ class DomainLive:
                 for shard in changes.lost:
                     self.drop(shard)
                 for shard in sorted(changes.acquired):
-                    await self.adopt(shard)
+                    await self._adopt_or_release(shard)
                 self.leases_ready.set()
             except Exception:  # the next step retries; leases not renewed just expire
                 log.exception("lease step failed")

@@ -35,6 +35,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+_BUMP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local token = tonumber(redis.call('GET', KEYS[2]) or '0')
+local floor = tonumber(ARGV[2])
+if token < floor then
+  redis.call('SET', KEYS[2], floor)
+  token = floor
+end
+return token
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -64,6 +74,7 @@ class Leases:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._bump = client.register_script(_BUMP)
 
     def _owner_key(self, shard: int) -> str:
         return f"{self.prefix}:shard:{shard}:owner"
@@ -110,6 +121,23 @@ class Leases:
                 instances=alive,
             )
         return changes
+
+    async def raise_token(self, shard: int, floor: int) -> int | None:
+        """Lift a held shard's token to at least ``floor``; None when the lease is gone.
+
+        Redis restarted without persistence forgets the tokens while the database keeps
+        the last one written: the lease holder (and only it) moves its token past it.
+        """
+        token = int(
+            await self._bump(
+                keys=[self._owner_key(shard), self._token_key(shard)], args=[self.instance, floor]
+            )
+        )
+        if not token:
+            self.owned.pop(shard, None)
+            return None
+        self.owned[shard] = token
+        return token
 
     async def release(self, shard: int) -> None:
         """Give up one shard now."""

@@ -48,6 +48,7 @@ class Sink(Protocol):
     async def write(self, records: Sequence[Record]) -> list[Record]: ...
 
 
+# Post-commit work (the domain, ...): called with every record stored by the batch.
 CommitHook = Callable[[list[Record]], Awaitable[None]]
 
 
@@ -190,8 +191,12 @@ class Pipeline:
     async def _commit(self, batch: Batch) -> None:
         started = self.clock()
         new = await self._store(batch)
+        # Hooks see every stored record of the batch, not only those new to the table: an
+        # entry redelivered after a crash between commit and hook must reach them again
+        # (they are idempotent, like the domain engine).
+        stored = _stored(batch)
         for name, hook in self.hooks:
-            await self._run_hook(name, hook, new)
+            await self._run_hook(name, hook, stored)
         await self._with_retry("redis", lambda: self.source.settle(batch.ids, batch.dead))
         self._account(batch, new, self.clock() - started)
 
@@ -266,6 +271,14 @@ class Pipeline:
         metrics.STATE_SIZE.set(len(self.states))
         metrics.STATE_EVICTIONS.set(self.states.evictions)
         _observe_lag(batch.records)
+
+
+def _stored(batch: Batch) -> list[Record]:
+    """The batch's records minus those the database refused (dead-lettered)."""
+    if not batch.dead:
+        return batch.records
+    refused = {letter.source_id for letter in batch.dead}
+    return [r for r in batch.records if r.stream_id not in refused]
 
 
 def _writer_of(sink: Sink, record: Record) -> Callable[[], Awaitable[list[Record]]]:
