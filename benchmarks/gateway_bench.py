@@ -63,7 +63,7 @@ def raise_fd_limit() -> int:
 class ClientStats:
     """What one client process measured."""
 
-    hist: list[int] = field(default_factory=lambda: [0] * (HIST_MAX_MS + 1))
+    hists: dict[str, list[int]] = field(default_factory=dict)
     connected: int = 0
     snapshots: int = 0
     updates: int = 0
@@ -174,7 +174,9 @@ class LeanClient(asyncio.Protocol):
         self.stats.updates += 1
         if self.stats.measuring:
             delay = int(time.time() * 1000) - published
-            self.stats.hist[min(max(delay, 0), HIST_MAX_MS)] += 1
+            kind = "leaderboard" if b":leaderboard" in text[:80] else "positions"
+            hist = self.stats.hists.setdefault(kind, [0] * (HIST_MAX_MS + 1))
+            hist[min(max(delay, 0), HIST_MAX_MS)] += 1
 
     def _send(self, opcode: int, payload: bytes) -> None:
         assert self.transport is not None
@@ -231,12 +233,12 @@ async def clients_main(port: int, count: int, channels: list[str], compression: 
     _emit({"ready": stats.connected, "failed": stats.failed})
     while (command := await commands.get()) != "report":
         if command == "measure":
-            stats.hist = [0] * (HIST_MAX_MS + 1)
+            stats.hists = {}
             stats.updates = 0
             stats.measuring = True
     stats.measuring = False
-    hist = {str(ms): n for ms, n in _sparse(stats.hist).items()}
-    _emit({"hist": hist, "updates": stats.updates, "closed": stats.closed})
+    hists = {kind: _sparse(hist) for kind, hist in stats.hists.items()}
+    _emit({"hists": hists, "updates": stats.updates, "closed": stats.closed})
     for task in tasks:
         task.cancel()
 
@@ -260,8 +262,8 @@ async def _wait_connected(stats: ClientStats, count: int, per_client: int) -> No
         await asyncio.sleep(0.1)
 
 
-def _sparse(hist: list[int]) -> dict[int, int]:
-    return {ms: n for ms, n in enumerate(hist) if n}
+def _sparse(hist: list[int]) -> dict[str, int]:
+    return {str(ms): n for ms, n in enumerate(hist) if n}
 
 
 def _emit(value: dict[str, Any]) -> None:
@@ -340,7 +342,7 @@ class Phase:
 
     name: str
     clients: int
-    latencies: dict[int, int]
+    latencies: dict[str, dict[int, int]]
     updates: int
     closed: int
     seconds: float
@@ -438,10 +440,12 @@ async def measure(
     await asyncio.sleep(seconds)
     reports = await clients.report()
     elapsed = time.monotonic() - before[2]
-    merged: dict[int, int] = {}
+    merged: dict[str, dict[int, int]] = {}
     for report in reports:
-        for ms, n in report["hist"].items():
-            merged[int(ms)] = merged.get(int(ms), 0) + n
+        for kind, hist in report["hists"].items():
+            into = merged.setdefault(kind, {})
+            for ms, n in hist.items():
+                into[int(ms)] = into.get(int(ms), 0) + n
     gateway_cpu = (sum(_cpu(g) for g in gateway) - before[0]) / elapsed * 100
     total = (
         sum(_cpu(g) for g in gateway) + sum(_cpu(p) for p in others) - before[0] - before[1]
@@ -482,24 +486,34 @@ def print_phases(phases: list[Phase], args: argparse.Namespace) -> None:
         f" compression {compression}; load average {load1:.1f} (1 min) {load5:.1f} (5 min)"
     )
     header = (
-        f"{'phase':<10} {'clients':>7} {'frames':>9} {'frames/s':>9} {'p50 ms':>7} "
+        f"{'phase':<13} {'clients':>7} {'frames':>9} {'frames/s':>9} {'p50 ms':>7} "
         f"{'p99 ms':>7} {'max ms':>7} {'gw CPU%':>8} {'gw+cl CPU%':>10} {'closed':>6}"
     )
     print(header)
     for phase in phases:
-        values = _expand(phase.latencies)
-        p50 = percentile(values, 50) if values else float("nan")
-        p99 = percentile(values, 99) if values else float("nan")
-        worst = max(values) if values else float("nan")
-        print(
-            f"{phase.name:<10} {phase.clients:>7} {phase.updates:>9} "
-            f"{phase.updates / phase.seconds:>9.0f} {p50:>7.0f} {p99:>7.0f} {worst:>7.0f} "
-            f"{phase.gateway_cpu:>8.0f} {phase.total_cpu:>10.0f} {phase.closed:>6}"
-        )
-    load = _expand(phases[-1].latencies)
+        _row(phase.name, phase, _expand_all(phase.latencies))
+        if phase.name == "load":
+            for kind in sorted(phase.latencies):
+                _row(f"  {kind}", phase, _expand(phase.latencies[kind]))
+    load = _expand_all(phases[-1].latencies)
     p99 = percentile(load, 99) if load else float("inf")
     verdict = "met" if p99 <= TARGET_P99_MS else "NOT met"
     print(f"target: p99 <= {TARGET_P99_MS:.0f} ms with {phases[-1].clients} clients: {verdict}")
+
+
+def _row(name: str, phase: Phase, values: list[int]) -> None:
+    p50 = percentile(values, 50) if values else float("nan")
+    p99 = percentile(values, 99) if values else float("nan")
+    worst = max(values) if values else float("nan")
+    print(
+        f"{name:<13} {phase.clients:>7} {len(values):>9} "
+        f"{len(values) / phase.seconds:>9.0f} {p50:>7.0f} {p99:>7.0f} {worst:>7.0f} "
+        f"{phase.gateway_cpu:>8.0f} {phase.total_cpu:>10.0f} {phase.closed:>6}"
+    )
+
+
+def _expand_all(hists: dict[str, dict[int, int]]) -> list[int]:
+    return sorted(v for hist in hists.values() for v in _expand(hist))
 
 
 async def orchestrate(args: argparse.Namespace) -> None:

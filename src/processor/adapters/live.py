@@ -31,7 +31,7 @@ Row = Mapping[str, Any]
 ALERTS_KEPT = 100
 TRAIL_POINTS = 20
 POSITION_INTERVAL_S = 1.0
-POSITION_BATCH_S = 0.5
+POSITION_BATCH_S = 1.0
 # Commits do not land exactly a second apart: a position 0.95 s after the last one sent is
 # let through rather than held back a whole extra commit.
 JITTER_FRACTION = 0.2
@@ -228,7 +228,7 @@ class LivePublisher:
 
     Construct once per process with an asyncio Redis client and the ``live_prefix``
     setting; every method is safe to call after each commit. Positions are throttled to
-    one per entry per second, sent per event at most every half second (see
+    one per entry per second, sent per event at most once a second (see
     :class:`PositionThrottle`); call :meth:`flush` on a timer (e.g. each domain tick) and
     at shutdown so a waiting position is not held back when no further commit comes.
     """
@@ -254,7 +254,7 @@ class LivePublisher:
         """Store and publish the newest position per entry, about once a second each.
 
         Rows: ``{"number", "imei", "ts", "lat", "lon", "speed", "angle"}``. An event's
-        positions go out together at most every ``position_batch_s`` (0.5 s). Returns the
+        positions go out together at most every ``position_batch_s`` (1 s). Returns the
         update's sequence number, or None when the rows wait (or were stale).
         """
         due = self._throttle.offer(str(event_id), rows, self._clock())
