@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import ResponseError
 
 from processor.adapters import domain_store as store
@@ -43,6 +44,21 @@ if TYPE_CHECKING:
     from processor.service import Runtime
 
 log = get_logger("domain")
+
+SHARDS_OWNED = Gauge("processor_domain_shards_owned", "Domain shards this instance holds")
+LEASE_CHANGES = Counter(
+    "processor_domain_lease_changes_total", "Shard leases gained or given up", ["change"]
+)
+ROWS_SYNCED = Counter(
+    "processor_domain_rows_total", "Result rows written by the domain", ["table", "action"]
+)
+WORK_SECONDS = Histogram(
+    "processor_domain_work_seconds",
+    "Time to time one shard's work item batch (engine, sync, ranking, live)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+WORK_LAG = Gauge("processor_domain_work_pending", "Work items waiting in the owned shards' streams")
+DOMAIN_ERRORS = Counter("processor_domain_errors_total", "Failed domain steps", ["step"])
 
 GROUP = "domain"
 CONSUMER = "owner"  # one name for every owner: a new owner's pending entries are its own
@@ -289,7 +305,7 @@ class DomainLive:
         token = self.leases.owned.get(run.shard)
         if token is None:
             raise LeaseLostError(f"shard {run.shard} is no longer owned")
-        result = run.engine.result()
+        result = run.engine.result_for(affected)
         numbers = {v: k for k, v in run.entry_ids.items()}
         units = sorted((int(s), run.entry_ids[n]) for s, n in affected if n in run.entry_ids)
         stages = sorted({s for s, _ in units})
@@ -309,6 +325,8 @@ class DomainLive:
             for stage_id in stages:
                 changes += await store.rank_stage_rows(conn, stage_id)
             await record(conn, domain_events(changes, run.event_id, numbers))
+        for change in changes:
+            ROWS_SYNCED.labels(change.table, change.action).inc()
         await self.views.publish_stages(self.pool, run.event_id, run.course, stages, changes)
 
     # Loops ------------------------------------------------------------------------------------
@@ -319,12 +337,16 @@ class DomainLive:
         while not stop.is_set():
             try:
                 changes = await self.leases.step()
+                LEASE_CHANGES.labels("acquired").inc(len(changes.acquired))
+                LEASE_CHANGES.labels("lost").inc(len(changes.lost))
                 for shard in changes.lost:
                     self.drop(shard)
                 for shard in sorted(changes.acquired):
                     await self._adopt_or_release(shard)
                 self.leases_ready.set()
+                SHARDS_OWNED.set(len(self.runs))
             except Exception:  # the next step retries; leases not renewed just expire
+                DOMAIN_ERRORS.labels("leases").inc()
                 log.exception("lease step failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
@@ -344,8 +366,10 @@ class DomainLive:
             try:
                 await self._work_once(owned)
             except LeaseLostError as exc:
+                DOMAIN_ERRORS.labels("lease_lost").inc()
                 log.warning("shard lost while writing", error=str(exc))
             except Exception:  # work stays pending and is read again
+                DOMAIN_ERRORS.labels("work").inc()
                 log.exception("domain work failed")
                 await asyncio.sleep(1)
                 self.pending_phase.update(self.runs)
@@ -369,8 +393,10 @@ class DomainLive:
         for shard, items in received.items():
             if shard not in self.runs or not items:
                 continue
+            started = time.monotonic()
             positions = [p for _, data in items for p in decode_positions(data)]
             await self.process(shard, positions)
+            WORK_SECONDS.observe(time.monotonic() - started)
             ids = [raw_id for raw_id, _ in items]
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xack(shard_stream(self.settings, shard), GROUP, *ids)
@@ -386,7 +412,10 @@ class DomainLive:
                 return
             try:
                 await self.tick()
+                lengths = [await self.redis.xlen(shard_stream(self.settings, s)) for s in self.runs]
+                WORK_LAG.set(sum(lengths))
             except Exception:  # retried at the next tick
+                DOMAIN_ERRORS.labels("tick").inc()
                 log.exception("domain tick failed")
 
     async def watch_courses(self, stop: asyncio.Event) -> None:
