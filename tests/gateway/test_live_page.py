@@ -163,6 +163,8 @@ async def test_live_page_shows_leaderboard_after_finish_and_vehicles_on_the_map(
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "gateway-live-page.png"), full_page=True)
     assert await page.locator("#standings tbody tr").count() == 1
+    # The updates above reached Chromium as shared, pre-compressed frames.
+    assert "permessage-deflate" in await page.evaluate("state.ws.extensions")
     assert errors == []
 
 
