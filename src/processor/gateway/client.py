@@ -1,10 +1,12 @@
 """One connected client: direct writes while it keeps up, a coalescing outbox when not.
 
 The fan-out never awaits a client. A caught-up client's frames are written straight into
-its transport by the hub (``websockets`` ``broadcast``: one synchronous write each). When
-its write buffer passes the high-water mark the client is "lagging": frames go to its
+its transport: one synchronous write of bytes encoded once for every client (see
+:class:`~processor.gateway.state.SharedFrame`). When its write buffer passes the
+high-water mark the client is "lagging": frames go to its
 :class:`~processor.gateway.coalesce.Outbox` and a writer task of its own drains them with
-flow control. A client still lagging ``queue limit`` frames later is disconnected.
+flow control through the connection. A client still lagging ``queue limit`` frames later
+is disconnected.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from processor.gateway.state import SharedFrame, Update
 
 SLOW_CLOSE_CODE = 1013  # "try again later": the client could not keep up
 ABORT_AFTER_S = 2.0
+NOT_SHARED = -1
 
 
 class Client:
@@ -55,13 +58,18 @@ class Client:
         Bypasses the connection's per-message encoder on purpose: the frame bytes are
         the same for every client with the same compression window.
         """
-        self.ws.transport.write(update.wire(self.window_bits))
+        if self.window_bits == NOT_SHARED:
+            broadcast([self.ws], update.frame, text=True)
+        else:
+            self.ws.transport.write(update.wire(self.window_bits))
 
     def send_snapshot(self, channel: str, frame: SharedFrame) -> None:
         """Send a channel's snapshot, ahead of the channel's next updates."""
-        if self.caught_up():
+        if self.caught_up() and self.window_bits != NOT_SHARED:
             self.ws.transport.write(frame.wire(self.window_bits))
             metrics.FRAMES_SENT.labels("direct").inc()
+        elif self.caught_up():
+            write_direct([self.ws], frame.payload)
         else:
             self._queued(self.outbox.push_snapshot(channel, frame.payload))
 
@@ -123,16 +131,22 @@ class Client:
 
 
 def negotiated_window_bits(ws: ServerConnection) -> int:
-    """The compression window the client accepted for our messages; 0 for none."""
+    """The compression window the client accepted for our messages; 0 for none.
+
+    ``NOT_SHARED`` when compression keeps context across messages: then no frame can be
+    shared and the connection's own encoder is used. (The server factory imposes no
+    context takeover, so that does not happen with the gateway's settings.)
+    """
     for extension in ws.protocol.extensions:
         if isinstance(extension, PerMessageDeflate):
-            # The server factory always imposes no context takeover (see server.py).
-            assert extension.local_no_context_takeover
+            if not extension.local_no_context_takeover:
+                return NOT_SHARED
             return int(extension.local_max_window_bits or 15)
     return 0
 
 
 def write_direct(connections: list[ServerConnection], frame: bytes) -> None:
+    """Write a small frame through each connection's own encoder, without waiting."""
     broadcast(connections, frame, text=True)
     metrics.FRAMES_SENT.labels("direct").inc(len(connections))
 
