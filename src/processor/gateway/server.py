@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.extensions.base import ServerExtensionFactory
@@ -209,7 +210,12 @@ class Gateway:
         elif len(client.channels) >= self.settings.gateway_max_subscriptions:
             raise ProtocolError("too_many_subscriptions", "subscription limit reached")
         client.channels.add(request.channel)
-        await self.hub.subscribe(client, request.channel)
+        try:
+            await self.hub.subscribe(client, request.channel)
+        except (RedisError, OSError) as exc:
+            client.forget(request.channel)
+            log.warning("snapshot load failed", channel=request.channel, error=str(exc))
+            raise ProtocolError("unavailable", "live data is unavailable; retry") from exc
 
     def _token_ok(self, token: str | None) -> bool:
         """Constant-time check of the officials' token; no token configured refuses all."""
