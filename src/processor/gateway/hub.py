@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from processor.adapters.live import ChannelKind, LiveKeys, channel_kind
@@ -103,11 +104,16 @@ class Hub:
         return task
 
     async def _load(self, channel: str, resend: bool) -> None:
-        """Read a channel's snapshot, apply updates that raced it, publish it if asked."""
+        """Read a channel's snapshot, apply updates that raced it, publish it if asked.
+
+        A first load fails to its waiting subscribers; a reload (after a gap) retries with
+        backoff for as long as somebody watches the channel.
+        """
         try:
-            seq, stored = await load_snapshot(self._redis, self._keys, channel)
-            metrics.SNAPSHOT_LOADS.inc()
-            state = new_state(channel, seq, stored)
+            loaded = await self._read(channel, retry=resend)
+            if loaded is None:
+                return
+            state = new_state(channel, *loaded)
             for update in self._buffered.get(channel, []):
                 if update.seq > state.seq:
                     state.apply(update)
@@ -118,6 +124,22 @@ class Hub:
         finally:
             self._buffered.pop(channel, None)
             self._loads.pop(channel, None)
+
+    async def _read(self, channel: str, *, retry: bool) -> tuple[int, Any] | None:
+        delay = RECONNECT_INITIAL_S
+        while True:
+            try:
+                loaded = await load_snapshot(self._redis, self._keys, channel)
+                metrics.SNAPSHOT_LOADS.inc()
+                return loaded
+            except (RedisError, OSError) as exc:
+                if not retry:
+                    raise
+                log.warning("snapshot reload failed", channel=channel, error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(RECONNECT_MAX_S, delay * 2)
+            if not self._subscribers.get(channel):
+                return None
 
     def on_message(self, pubsub_name: str, raw: bytes) -> None:
         """Handle one published update: apply it and fan it out (never awaits)."""
