@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -131,6 +132,7 @@ async def test_client_that_never_reads_is_disconnected_without_delaying_a_fast_o
     start_gateway: GatewayFactory, publisher: LivePublisher, record_property: Any
 ) -> None:
     gateway = await start_gateway(gateway_write_limit_bytes=16_384, gateway_client_queue=16)
+    coalesced_before = _coalesced()
     slow = await open_tiny_client(gateway)
     await subscribe(slow, "stage:4:leaderboard")
     async with await open_client(gateway) as fast:
@@ -143,6 +145,7 @@ async def test_client_that_never_reads_is_disconnected_without_delaying_a_fast_o
     await _wait_for(lambda: gateway.stats.slow_disconnects == 1)
     with pytest.raises(ConnectionClosed):
         await _read_forever(slow)  # whatever reached its buffers, then the end
+    assert _coalesced() > coalesced_before, "the slow client's updates were coalesced first"
     assert seqs == list(range(1, 201))
     assert not coalesced, "the fast client must never have been treated as lagging"
     p50, worst = statistics.median(latencies), max(latencies)
@@ -275,6 +278,10 @@ async def _read_until_seq(ws: ClientConnection, seq: int) -> list[dict[str, Any]
     while not received or received[-1]["seq"] < seq:
         received.append(await recv_json(ws, wait_s=10))
     return received
+
+
+def _coalesced() -> float:
+    return REGISTRY.get_sample_value("gateway_coalesced_total") or 0.0
 
 
 async def _read_forever(ws: ClientConnection) -> None:
