@@ -23,7 +23,7 @@ BATCH_SECONDS = Histogram(
 LAG_SECONDS = Histogram(
     "processor_lag_seconds",
     "Commit time minus ingestion time (received_at) of stored records",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+    buckets=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
 LAST_LAG = Gauge("processor_last_lag_seconds", "Lag of the newest committed batch")
 PENDING = Gauge("processor_pending_entries", "Entries delivered to the group, not acknowledged")
