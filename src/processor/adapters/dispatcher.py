@@ -169,18 +169,20 @@ class Attempt:
 
 # --- SQL --------------------------------------------------------------------------------
 
+# Heads only: a pending event with no older pending event of its entry. Scanning pending
+# events in id order and probing (entry_key, id) for an older one stops after LIMIT heads,
+# instead of computing every entry's head on each round.
 _CLAIM = """
-WITH heads AS (
-    SELECT DISTINCT ON (entry_key) id
-    FROM processor.outbox
-    WHERE status = 'pending'
-    ORDER BY entry_key, id
-), claimable AS (
+WITH claimable AS (
     SELECT o.id
-    FROM processor.outbox o JOIN heads h ON h.id = o.id
+    FROM processor.outbox o
     WHERE o.status = 'pending'
       AND o.next_attempt_at <= now()
       AND (o.leased_until IS NULL OR o.leased_until <= now())
+      AND NOT EXISTS (
+          SELECT 1 FROM processor.outbox p
+          WHERE p.status = 'pending' AND p.entry_key = o.entry_key AND p.id < o.id
+      )
     ORDER BY o.id
     LIMIT $1
     FOR UPDATE OF o SKIP LOCKED

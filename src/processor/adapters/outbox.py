@@ -211,10 +211,14 @@ def iso_utc(value: dt.datetime) -> str:
 
 
 _LAST_VERSIONS = """
-SELECT DISTINCT ON (subject) subject, version, fingerprint
-FROM processor.outbox
-WHERE subject = ANY($1::text[])
-ORDER BY subject, version DESC, id DESC
+SELECT s.subject, last.version, last.fingerprint
+FROM unnest($1::text[]) AS s(subject)
+CROSS JOIN LATERAL (
+    SELECT version, fingerprint FROM processor.outbox o
+    WHERE o.subject = s.subject
+    ORDER BY version DESC, id DESC
+    LIMIT 1
+) AS last
 """
 
 _INSERT = """

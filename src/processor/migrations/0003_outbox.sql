@@ -32,13 +32,17 @@ CREATE TABLE IF NOT EXISTS processor.outbox (
     CONSTRAINT outbox_event_id_key UNIQUE (event_id)
 );
 
--- The dispatcher's claim: the oldest pending event of each entry.
+-- The dispatcher's claim: pending events in id order, without walking delivered history…
+CREATE INDEX IF NOT EXISTS outbox_pending_id
+    ON processor.outbox (id) WHERE status = 'pending';
+
+-- …and, per candidate, whether an older pending event of its entry exists.
 CREATE INDEX IF NOT EXISTS outbox_pending_by_entry
     ON processor.outbox (entry_key, id) WHERE status = 'pending';
 
 -- record_events: the last version of a subject.
 CREATE INDEX IF NOT EXISTS outbox_subject_version
-    ON processor.outbox (subject, version DESC);
+    ON processor.outbox (subject, version DESC, id DESC);
 
 -- Operators and gauges: events by status.
 CREATE INDEX IF NOT EXISTS outbox_status_id
