@@ -30,6 +30,7 @@ import orjson
 from processor.adapters import domain_store as store
 from processor.adapters.domain_store import Change, Row, as_ms, as_time
 from processor.adapters.outbox import to_plain
+from processor.adapters.positions_store import init_connection
 from processor.adapters.reference import EventNotFoundError
 from processor.domain.engine import DomainResult, evaluate
 from processor.domain.model import Course, CourseError, Entry, Id, Stage
@@ -211,19 +212,37 @@ def select(course: Course, request: Request) -> Selection:
     """The stages and entries of ``request`` in the stored course (unknown ones: exit 2)."""
     stages = [s for s in course.stages if _overlaps(s, request.since_ms, request.until_ms)]
     if request.stage_id is not None:
-        stages = [s for s in course.stages if s.id == request.stage_id]
-        if not stages:
+        if all(s.id != request.stage_id for s in course.stages):
             raise ReplayInputError(f"--stage {request.stage_id}: not a stage of this event")
+        stages = [s for s in stages if s.id == request.stage_id]
     entries = list(course.entries)
     if request.entry_number is not None:
         entries = [e for e in entries if e.number == request.entry_number]
         if not entries:
             raise ReplayInputError(f"--entry {request.entry_number}: no such entry number")
     lo, hi = request.since_ms, request.until_ms
-    if request.stage_id is not None:
+    if request.stage_id is not None and stages:
         lo = _latest(lo, stages[0].opens_at)
         hi = _earliest(hi, stages[0].closes_at)
     return Selection(tuple(stages), tuple(entries), lo, hi)
+
+
+def read_span(
+    course: Course, selection: Selection, request: Request
+) -> tuple[int | None, int | None]:
+    """The positions to read: the whole windows of the selected stages (so their rows are
+    exact), else the requested range; (None, None) = the course's window."""
+    if request.stage_id is None and request.since_ms is None and request.until_ms is None:
+        return None, None
+    ids = {s.id for s in selection.stages}
+    stages = [s for s in course.stages if s.id in ids]  # the replayed course's windows
+    if not stages:
+        return request.since_ms, request.until_ms
+    opens = [s.opens_at for s in stages]
+    closes = [s.closes_at for s in stages]
+    lo = None if None in opens else min(o for o in opens if o is not None)
+    hi = None if None in closes else max(c for c in closes if c is not None)
+    return lo, hi
 
 
 def _overlaps(stage: Stage, lo: int | None, hi: int | None) -> bool:
@@ -256,6 +275,7 @@ class Report:
     layout: Path | None
     changes: tuple[Change, ...]
     stage_names: Mapping[Any, str]
+    stage_order: Mapping[Any, int]
     entry_numbers: Mapping[Any, int]
     geofence_names: Mapping[Any, str]
 
@@ -279,8 +299,9 @@ async def replay_event(
     imeis = None
     if request.entry_number is not None:
         imeis = [e.imei for e in course.entries if e.number == request.entry_number and e.imei]
+    since, until = read_span(course, selection, request)
     positions = await store.load_positions(
-        conn, course, imeis=imeis, since=request.since, until=request.until
+        conn, course, imeis=imeis, since=as_time(since), until=as_time(until)
     )
     result = evaluate(course, positions, now_ms, source="replay")
     ranked = request.entry_number is None
@@ -298,6 +319,7 @@ async def replay_event(
         layout=request.layout_path,
         changes=tuple(changes),
         stage_names={s.id: s.name for s in (*stored.stages, *course.stages)},
+        stage_order={s.id: s.sequence for s in stored.stages},
         entry_numbers={e.id: e.number for e in stored.entries},
         geofence_names={g.id: g.name for g in (*stored.geofences, *course.geofences)},
     )
@@ -411,11 +433,24 @@ def _key_text(report: Report, collection: str, row: Row) -> str:
             parts.append(f"#{report.entry_numbers.get(value, value)}")
         elif column == "geofence":
             parts.append(str(report.geofence_names.get(value, value or "-")))
-        elif column == "pass":
-            parts.append(f"pass {value}")
+        elif column in ("pass", "seq"):
+            parts.append(f"{column} {value}")
         else:
             parts.append(_show(value))
     return " ".join(parts)
+
+
+def _order(report: Report, collection: str, change: Change) -> tuple[Any, ...]:
+    """Created, updated, deleted; then stage sequence, entry number, time, key."""
+    row = change.row
+    when = row.get("ts") or row.get("started_at")
+    return (
+        ACTIONS.index(change.action),
+        report.stage_order.get(row.get("stage"), -1),
+        report.entry_numbers.get(row.get("entry"), 0),
+        _show(when) if when is not None else "",
+        _key_text(report, collection, row),
+    )
 
 
 def _change_text(report: Report, collection: str, change: Change) -> str:
@@ -444,12 +479,16 @@ def _counts(changes: Iterable[Change]) -> dict[str, int]:
     return counts
 
 
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
+
+
 def summary_line(report: Report) -> str:
     """One line: what was compared and what differs (or was written)."""
     counts = _counts(report.changes)
     layout = f" with course file {report.layout}" if report.layout else ""
     head = (
-        f"event {report.event_id}{layout}: {report.units} stage-entry units,"
+        f"event {report.event_id}{layout}: {report.units} stage-entry unit{_s(report.units)},"
         f" {report.positions} positions, now {_show(as_time(report.now_ms))}"
     )
     if not report.differs:
@@ -467,10 +506,7 @@ def to_text(report: Report) -> str:
             continue
         counts = _counts(changes)
         lines.append(f"{collection}: " + ", ".join(f"{counts[a]} {a}" for a in ACTIONS))
-        order = {a: i for i, a in enumerate(ACTIONS)}
-        ordered = sorted(
-            changes, key=lambda c: (order[c.action], _key_text(report, collection, c.row))
-        )
+        ordered = sorted(changes, key=lambda c: _order(report, collection, c))
         lines.extend(_change_text(report, collection, c) for c in ordered)
     if not report.ranked:
         lines.append("(ranks, class ranks and gaps not compared: one entry alone cannot rank)")
@@ -546,6 +582,7 @@ def _run(dsn: str, action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     async def main() -> T:
         conn = await asyncpg.connect(dsn, timeout=10)
         try:
+            await init_connection(conn)  # jsonb as the service's connections read and write it
             return await action(conn)
         finally:
             await conn.close()
