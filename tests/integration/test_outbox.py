@@ -144,6 +144,24 @@ async def test_a_value_flipping_back_and_forth_yields_one_event_per_flip(
 
 
 @pytest.mark.integration
+async def test_an_anomaly_created_already_ended_records_opened_then_closed(
+    outbox_db: asyncpg.Connection,
+) -> None:
+    row = {
+        "event": 1,
+        "entry": 3,
+        "device_imei": "1",
+        "kind": "stopped",
+        "started_at": T0,
+        "ended_at": T0 + dt.timedelta(minutes=4),
+    }
+    events = [build_event(t, row) for t in ("anomaly.opened", "anomaly.closed")]
+    assert await record_events(outbox_db, events) == 2
+    assert await record_events(outbox_db, events[1:]) == 0
+    assert [r["type"] for r in await outbox_rows(outbox_db)] == ["anomaly.opened", "anomaly.closed"]
+
+
+@pytest.mark.integration
 async def test_event_ids_are_the_same_when_the_history_is_recorded_again(
     outbox_db: asyncpg.Connection,
 ) -> None:

@@ -6,9 +6,10 @@ change it describes was committed. The dispatcher (:mod:`processor.adapters.disp
 delivers them to Directus Flows afterwards.
 
 Event identity is deterministic. Each event is about a *subject* (the row family and its
-natural key, e.g. ``stage_result:3:45``) and carries a *fingerprint* of the row's content.
-A change whose fingerprint equals the subject's last recorded one is a recomputation of
-the same state and records nothing; otherwise it becomes the subject's next *version*, and
+natural key, e.g. ``stage_result:3:45``) and carries a *fingerprint* of its type and the
+row's content. A change whose fingerprint equals the subject's last recorded one is a
+recomputation of the same state and records nothing; otherwise it becomes the subject's
+next *version*, and
 ``event_id = uuid5(type, subject, version, fingerprint)``. Two instances recording the same
 change therefore produce the same ``event_id`` and the unique constraint keeps one, while a
 value that flips back and forth (rank 3 → 2 → 3) still yields one event per flip.
@@ -124,7 +125,7 @@ def build_event(
         subject=subject_of(family, plain_row),
         entry_key=entry_key_of(ctx),
         body=body,
-        fingerprint=fingerprint_of(plain_row),
+        fingerprint=fingerprint_of(kind.value, plain_row),
         occurred_at=occurred_at,
     )
 
@@ -174,11 +175,16 @@ def entry_key_of(context: Mapping[str, Any]) -> str:
     return f"{event}:device:{context['device_imei'] or ''}"
 
 
-def fingerprint_of(row: Mapping[str, Any]) -> str:
-    """SHA-256 (hex, 32 chars) of the row's content without volatile columns."""
+def fingerprint_of(event_type: str, row: Mapping[str, Any]) -> str:
+    """SHA-256 (hex, 32 chars) of the type and the row's content without volatile columns.
+
+    The type is part of it so that one row state announced twice in a row under different
+    types (an anomaly created already ended: ``anomaly.opened`` then ``anomaly.closed``)
+    records both events.
+    """
     stable = {k: v for k, v in row.items() if k not in VOLATILE_FIELDS}
-    digest = hashlib.sha256(orjson.dumps(stable, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    return digest[:32]
+    content = orjson.dumps([event_type, stable], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(content).hexdigest()[:32]
 
 
 def event_id_of(event_type: str, subject: str, version: int, fingerprint: str) -> uuid.UUID:
