@@ -198,6 +198,7 @@ class DomainLive:
             runtime.settings.domain_lease_ttl_ms,
         )
         self.courses: dict[int, Course] = {}
+        self.tracked: frozenset[str] = frozenset()
         self.runs: dict[int, list[ShardRun]] = {}  # shard -> runs
         self.pending_phase: set[int] = set()
         self.fingerprint = ""
@@ -208,8 +209,10 @@ class DomainLive:
     async def on_commit(self, records: list[Record]) -> None:
         """Post-commit hook: hand the new records to their shards' work streams."""
         by_shard: dict[int, list[Record]] = defaultdict(list)
+        tracked = self.tracked
         for r in records:
-            by_shard[shard_of(r.imei, self.shards)].append(r)
+            if r.imei in tracked:  # devices of no live event's entries have no domain work
+                by_shard[shard_of(r.imei, self.shards)].append(r)
         if not by_shard:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -224,6 +227,9 @@ class DomainLive:
             self.fingerprint = str(await conn.fetchval(COURSE_FINGERPRINT))
             events = await store.live_event_ids(conn)
             self.courses = {e: await store.load_course(conn, e) for e in events}
+        self.tracked = frozenset(
+            e.imei for course in self.courses.values() for e in course.entries if e.imei
+        )
         for event_id, course in self.courses.items():
             with contextlib.suppress(Exception):
                 await self.views.publish_course_of(event_id, course)
