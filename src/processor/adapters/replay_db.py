@@ -34,6 +34,7 @@ from processor.adapters.positions_store import init_connection
 from processor.adapters.reference import EventNotFoundError
 from processor.domain.engine import DomainResult, evaluate
 from processor.domain.model import Course, CourseError, Entry, Id, Stage
+from processor.domain.timeutil import format_ms
 from processor.tools.replay_cli import ReplayInputError, load_course
 
 T = TypeVar("T")
@@ -86,9 +87,7 @@ def request_from_options(options: Mapping[str, Any]) -> Request:
     """The validated request from the ``replay`` command's options (bad input: exit 2)."""
     request = Request(
         event_id=_int_option(options["event_id"], "--event"),
-        stage_id=None
-        if options["stage_id"] is None
-        else _int_option(options["stage_id"], "--stage"),
+        stage_id=_opt_int_option(options["stage_id"], "--stage"),
         entry_number=options["entry_number"],
         since_ms=options["from_ms"],
         until_ms=options["to_ms"],
@@ -489,7 +488,7 @@ def summary_line(report: Report) -> str:
     layout = f" with course file {report.layout}" if report.layout else ""
     head = (
         f"event {report.event_id}{layout}: {report.units} stage-entry unit{_s(report.units)},"
-        f" {report.positions} positions, now {_show(as_time(report.now_ms))}"
+        f" {report.positions} positions, now {format_ms(report.now_ms)}"
     )
     if not report.differs:
         return f"{head}: no difference"
@@ -531,7 +530,7 @@ def to_json(report: Report) -> bytes:
     body = {
         "event": report.event_id,
         "course_file": None if report.layout is None else str(report.layout),
-        "now": _show(as_time(report.now_ms)),
+        "now": format_ms(report.now_ms),
         "positions": report.positions,
         "units": report.units,
         "ranks_compared": report.ranked,
