@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import asyncpg
@@ -33,6 +34,7 @@ from processor.adapters.dispatcher import (
     RouteError,
     Router,
     backoff_delay,
+    install,
     make_http_client,
     retry_after_s,
 )
@@ -385,6 +387,26 @@ async def test_events_without_a_route_are_skipped_not_posted(
     after = await outbox(outbox_db)
     assert [(r["status"], r["attempts"]) for r in after] == [("skipped", 0), ("skipped", 0)]
     assert receiver.arrivals == []
+
+
+@pytest.mark.integration
+async def test_the_service_component_dispatches_only_when_routes_are_configured(
+    outbox_db: asyncpg.Connection, settings: Settings, receiver: Receiver
+) -> None:
+    rows = await seed(outbox_db, entries=2, per_entry=2)
+    idle = SimpleNamespace(settings=settings, background=[])
+    await install(idle)
+    assert idle.background == []
+
+    runtime = SimpleNamespace(settings=hook_settings(settings, receiver), background=[])
+    await install(runtime)
+    stop = asyncio.Event()
+    job = asyncio.create_task(runtime.background[0](stop))
+    try:
+        await wait_for(lambda: receiver.deduplicated() == event_ids(rows), 20, "deliveries")
+    finally:
+        stop.set()
+        await asyncio.wait_for(job, 10)
 
 
 # --- crash ------------------------------------------------------------------------------

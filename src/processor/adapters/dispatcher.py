@@ -15,9 +15,9 @@ import asyncio
 import datetime as dt
 import random
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import quote
 
 import asyncpg
@@ -463,9 +463,45 @@ async def run_dispatcher(
 ) -> None:
     """Run a :class:`Dispatcher` with its own HTTP client until ``stop`` is set.
 
-    For ``processor run``: start it as a task when :func:`webhooks_configured` is true.
     ``options`` are the Dispatcher's keyword arguments.
     """
     concurrency = int(options.get("concurrency", 16))
     async with make_http_client(settings, concurrency) as http:
         await Dispatcher(pool, settings, http, **options).run(stop)
+
+
+class ServiceRuntime(Protocol):
+    """What :func:`install` needs of ``processor.service.Runtime``."""
+
+    settings: Settings
+    background: list[Callable[[asyncio.Event], Awaitable[None]]]
+
+
+async def install(runtime: ServiceRuntime) -> None:
+    """Service component: ``processor run`` dispatches when webhook routes are configured.
+
+    The dispatcher gets a small pool of its own so that webhook traffic never takes
+    connections from the throughput pipeline. Routes are checked here, at start-up.
+    """
+    settings = runtime.settings
+    if not webhooks_configured(settings):
+        return
+    Router(settings.webhook_routes, str(settings.directus_url) if settings.directus_url else None)
+    runtime.background.append(lambda stop: _supervised(settings, stop))
+
+
+async def _supervised(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the dispatcher until ``stop``; after an unexpected failure, log and start again."""
+    failures = 0
+    while not stop.is_set():
+        try:
+            pool = await asyncpg.create_pool(settings.database_dsn(), min_size=1, max_size=4)
+            try:
+                await run_dispatcher(pool, settings, stop)
+            finally:
+                await pool.close()
+        except Exception as exc:  # noqa: BLE001 - nothing stops the service; logged, retried
+            failures += 1
+            delay = backoff_delay(failures, settings.retry_initial_s, settings.retry_max_s, 1.0)
+            log.error("dispatcher failed, restarting", error=repr(exc), retry_in_s=delay)
+            await _wait_any([stop], delay)
