@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 
@@ -28,6 +29,9 @@ def gateway(
         gateway_host=host, gateway_port=port, redis_url=redis_url, live_prefix=live_prefix
     )
     configure_logging(settings.log_format, settings.log_level)
+    if settings.log_level != "debug":
+        # websockets logs every connection and HTTP response at info: too much at scale.
+        logging.getLogger("websockets").setLevel(logging.WARNING)
     asyncio.run(_main(settings))
 
 

@@ -133,6 +133,8 @@ class Gateway:
             return self._admit(connection)
         if path == "/healthz":
             return http.json_response(200, {"status": "ok", "connections": len(self._clients)})
+        if path == "/favicon.ico":
+            return http.response(204, b"", "image/x-icon")
         if path == "/metrics":
             return http.metrics_response()
         if path == "/api/discover":

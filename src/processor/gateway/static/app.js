@@ -275,10 +275,12 @@ function renderStandings(data) {
   const body = $("standings").querySelector("tbody");
   body.replaceChildren(...rows.map((row) => {
     const tr = document.createElement("tr");
+    const ranked = row.rank !== null && row.rank !== undefined;
+    tr.className = ranked ? "" : "running";
     tr.append(
       cell(row.rank, "num"), cell(row.number, "num number"), cell(row.name), cell(row.class),
-      cell(row.stages_finished, "num"), cell(fmtDuration(row.total_ms), "num"),
-      cell(fmtGap(row.gap_ms), "num"),
+      cell(row.stages_finished, "num"), cell(ranked ? fmtDuration(row.total_ms) : "", "num"),
+      cell(ranked ? fmtGap(row.gap_ms) : "", "num"),
     );
     return tr;
   }));
