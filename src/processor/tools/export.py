@@ -45,14 +45,23 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
 from processor.adapters.redis_stream import DeadLetter, Delivery, StreamSource, entry_id
+from processor.core.retry import Backoff
 from processor.logs import get_logger
 from processor.settings import Settings
 from processor.tools.export_decode import ChunkDecoder, Decoded, Entries
-from processor.tools.export_files import Dataset, WrittenBatch, data_files, first_id_of
+from processor.tools.export_files import (
+    Dataset,
+    DiskFullError,
+    WrittenBatch,
+    data_files,
+    first_id_of,
+)
 from processor.tools.export_schema import SCHEMA, split_by_day
 
 _PHASE_PENDING: Final = "pending"  # Delivery.phase of this consumer's own pending entries
 _PHASE_CLAIM: Final = "claim"
+DISK_RETRY_INITIAL_S: Final = 0.5  # a full disk is freed by an operator: seconds, not ms
+DISK_RETRY_MAX_S: Final = 10.0
 
 ROWS = Counter("processor_export_rows_total", "Rows written to Parquet and acknowledged")
 REJECTED = Counter(
@@ -61,6 +70,11 @@ REJECTED = Counter(
     ["reason"],
 )
 FILES = Counter("processor_export_files_total", "Parquet files renamed into place")
+WRITE_ERRORS = Counter(
+    "processor_export_write_errors_total",
+    "Batch writes that failed and are retried (the entries stay unacknowledged)",
+    ["reason"],
+)
 FLUSH_SECONDS = Histogram(
     "processor_export_flush_seconds",
     "Time to write, sync, rename and acknowledge one batch",
@@ -291,7 +305,7 @@ class Exporter:
         """Write the batch's files durably, then dead-letter and acknowledge its entries."""
         assert batch.first_id is not None  # a non-empty batch always has one
         started = time.perf_counter()
-        written = await asyncio.to_thread(self._write, batch.first_id, batch.table())
+        written = await self._write_retrying(batch.first_id, batch.table())
         self.stats.last_rename_at = time.perf_counter()
         await self._source.settle(batch.ids, batch.dead)
         self._account(batch, len(written.paths))
@@ -304,6 +318,25 @@ class Exporter:
                 replaced=written.replaced,
                 removed=written.removed,
             )
+
+    async def _write_retrying(self, first_id: str, table: pa.Table) -> WrittenBatch:
+        """Write the batch; while the disk is full, wait and try again (nothing is acked).
+
+        A stop request while the disk is still full ends the export with an error; the
+        batch's entries stay pending and are exported by the next run.
+        """
+        backoff = Backoff(DISK_RETRY_INITIAL_S, DISK_RETRY_MAX_S)
+        while True:
+            try:
+                return await asyncio.to_thread(self._write, first_id, table)
+            except DiskFullError as exc:
+                WRITE_ERRORS.labels("disk_full").inc()
+                if self._stop.is_set():
+                    raise ExportError(f"stopped while the disk is full: {exc}") from exc
+                delay = backoff.next_delay()
+                _log().warning("dataset disk full, retrying", error=str(exc), retry_in_s=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
 
     def _write(self, first_id: str, table: pa.Table) -> WrittenBatch:
         return self._dataset.write_batch(first_id, split_by_day(table))

@@ -10,6 +10,7 @@ re-delivered batch is written the dataset holds exactly its rows under its name.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
@@ -33,6 +34,18 @@ COMPRESSION: Final = "zstd"
 
 class DatasetError(Exception):
     """The dataset directory cannot be used or written (disk, permissions, lock)."""
+
+
+class DiskFullError(DatasetError):
+    """The dataset's filesystem is full (or over quota): writing may succeed later."""
+
+
+_DISK_FULL: Final = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: OSError) -> bool:
+    # pyarrow raises OSError without errno, its message naming it: "[errno 28] ...".
+    return exc.errno in _DISK_FULL or any(f"[errno {n}]" in str(exc) for n in _DISK_FULL)
 
 
 def file_name(first_id: str) -> str:
@@ -131,7 +144,8 @@ class Dataset:
             written = [self._write_file(day, name, table) for day, table in tables.items()]
             removed = self._remove_stale(name, existing - {path.parent for path in written})
         except OSError as exc:
-            raise DatasetError(f"cannot write batch {name}: {exc.strerror or exc}") from exc
+            error = DiskFullError if _disk_full(exc) else DatasetError
+            raise error(f"cannot write batch {name}: {exc.strerror or exc}") from exc
         return WrittenBatch(written, replaced=len(existing) - removed, removed=removed)
 
     def discard(self, paths: list[Path]) -> None:
@@ -150,9 +164,13 @@ class Dataset:
             _fsync_dir(self.root)
         final = directory / name
         temp = directory / f".{name}{TMP_SUFFIX}"
-        pq.write_table(table, temp, compression=COMPRESSION)
-        _fsync_path(temp)
-        temp.replace(final)
+        try:
+            pq.write_table(table, temp, compression=COMPRESSION)
+            _fsync_path(temp)
+            temp.replace(final)
+        except OSError:
+            temp.unlink(missing_ok=True)  # a partial file must not hold the space it took
+            raise
         _fsync_dir(directory)
         return final
 
