@@ -8,6 +8,7 @@ sentinel objects ``{"$bigint": "<decimal>"}`` and ``{"$bytes": "<base64>"}``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -35,6 +36,9 @@ _FIELDS: Final = frozenset({b"v", b"imei", b"payload"})
 _FIELD_NAME_BYTES: Final = sum(len(name) for name in _FIELDS)
 
 _decoder: Final = msgspec.json.Decoder(Record)
+
+# Keys of the payload that are always there (``generation`` may be left out).
+_REQUIRED_KEYS: Final = 12
 
 # Valid IMEIs seen recently, with their text and number: a fleet is a few thousand devices
 # sending every second, and a dict hit costs far less than checking and converting the
@@ -104,9 +108,41 @@ def _decode(
         failure = _decode_io(record.io, sentinels)
         if failure is not None:
             return failure
+    if _has_duplicate_keys(payload, len(record.io), max(sentinels, 0)):
+        # Which value a repeated key means differs between JSON parsers (msgspec keeps
+        # the last); an entry others could read differently is not stored.
+        return Rejection(INVALID_JSON, "payload names a key twice in one JSON object")
     record.stream_id = stream_id
     record.imei, record.device_id = identity
     return record
+
+
+def _has_duplicate_keys(payload: bytes, io_len: int, sentinels: int) -> bool:
+    """True when an object of a decoded payload repeats a key (``"66"``/``"066"`` included).
+
+    In a payload that decoded, every string is a key, a decimal or base64, so each colon
+    separates a key from its value: when their count matches the keys the record has,
+    none was repeated. Only otherwise (an escaped key name, a repeat) is it parsed again.
+    """
+    present = _REQUIRED_KEYS + (payload.rfind(b'"generation"') >= 0) + io_len + sentinels
+    return payload.count(b":") != present and _repeats_keys(payload, io_len)
+
+
+def _repeats_keys(payload: bytes, io_len: int) -> bool:
+    """The exact check: any object with a repeated name, or io ids that collide as numbers."""
+    repeated = False
+
+    def pairs(items: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        nonlocal repeated
+        repeated = repeated or len({key for key, _ in items}) != len(items)
+        return items  # kept as pairs: the io object's own size stays visible
+
+    try:
+        top = json.loads(payload, object_pairs_hook=pairs)
+    except ValueError:  # something msgspec accepted and json cannot read: not trusted
+        return True
+    io = dict(top).get("io") if isinstance(top, list) else None
+    return repeated or (isinstance(io, list) and len(io) != io_len)
 
 
 def _remember(imei: bytes) -> tuple[str, int]:
