@@ -219,3 +219,13 @@ def test_live_keys_put_a_channels_keys_in_one_cluster_slot() -> None:
     assert tags == {channel}
     assert keys.channel_of(keys.pubsub(channel)) == channel
     assert keys.channel_of("other:{x}:pub") is None
+
+
+def test_throttle_keeps_one_batch_a_second_under_commits_every_200_ms() -> None:
+    throttle = PositionThrottle(interval_s=1.0, batch_s=1.0)
+    sent = 0
+    for tick in range(100):  # 20 s of commits, 10 vehicles each reporting at 1 Hz
+        now = tick * 0.2
+        rows = [position(str(n), tick * 200) for n in range(10) if n % 5 == tick % 5]
+        sent += bool(throttle.offer("e", rows, now))
+    assert 19 <= sent <= 21

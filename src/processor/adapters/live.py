@@ -32,8 +32,9 @@ ALERTS_KEPT = 100
 TRAIL_POINTS = 20
 POSITION_INTERVAL_S = 1.0
 POSITION_BATCH_S = 1.0
-# Commits do not land exactly a second apart: a position 0.95 s after the last one sent is
-# let through rather than held back a whole extra commit.
+# Commits do not land exactly on the second: a position up to 0.2 s early for its slot is
+# let through rather than held back a whole extra commit. Slots stay on a fixed grid, so
+# early sends do not add up to a faster rate.
 JITTER_FRACTION = 0.2
 THROTTLE_CAPACITY = 50_000
 
@@ -147,9 +148,20 @@ class _EntryThrottle:
     """What the publisher remembers of one entry's positions."""
 
     last_ts: int = -1
-    last_sent: float = float("-inf")
+    next_due: float = float("-inf")
     pending: dict[str, Any] | None = None
     trail: deque[list[float]] = field(default_factory=lambda: deque(maxlen=TRAIL_POINTS))
+
+
+def _is_due(now: float, next_due: float, period: float) -> bool:
+    """Whether ``now`` is at (or just before) the next slot of a fixed-period grid."""
+    return now >= next_due - period * JITTER_FRACTION
+
+
+def _next_due(now: float, next_due: float, period: float) -> float:
+    """The slot after the one just used: on the grid, unless we fell behind it."""
+    following = next_due + period
+    return following if following > now else now + period
 
 
 class PositionThrottle:
@@ -173,18 +185,18 @@ class PositionThrottle:
         self._batch = batch_s
         self._capacity = capacity
         self._entries: OrderedDict[tuple[str, str], _EntryThrottle] = OrderedDict()
-        self._event_sent: dict[str, float] = {}
+        self._event_due: dict[str, float] = {}
 
     def offer(self, event_id: str, rows: Sequence[Row], now: float) -> list[dict[str, Any]]:
         """Take new rows; return the rows to publish now (at most one batch per batch_s)."""
         for row in rows:
             self._accept(event_id, row)
-        last = self._event_sent.get(event_id, float("-inf"))
-        if now - last < self._batch * (1 - JITTER_FRACTION):
+        next_due = self._event_due.get(event_id, float("-inf"))
+        if not _is_due(now, next_due, self._batch):
             return []
         due = self.due(event_id, now)
         if due:
-            self._event_sent[event_id] = now
+            self._event_due[event_id] = _next_due(now, next_due, self._batch)
         return due
 
     def due(self, event_id: str, now: float, *, force: bool = False) -> list[dict[str, Any]]:
@@ -193,9 +205,10 @@ class PositionThrottle:
         for (event, _number), state in self._entries.items():
             if event != event_id or state.pending is None:
                 continue
-            if force or now - state.last_sent >= self._interval * (1 - JITTER_FRACTION):
+            if force or _is_due(now, state.next_due, self._interval):
                 out.append(state.pending)
-                state.pending, state.last_sent = None, now
+                state.pending = None
+                state.next_due = _next_due(now, state.next_due, self._interval)
         return out
 
     def events(self) -> set[str]:

@@ -52,16 +52,20 @@ class Client:
             and transport.get_write_buffer_size() < self._write_limit
         )
 
-    def write_update(self, update: Update) -> None:
-        """Write an update's shared frame straight to the socket (caller checked caught_up).
+    def write_updates(self, updates: list[Update]) -> None:
+        """Write updates' shared frames straight to the socket, in one write.
 
-        Bypasses the connection's per-message encoder on purpose: the frame bytes are
-        the same for every client with the same compression window.
+        The caller checked :meth:`caught_up`. Bypasses the connection's per-message
+        encoder on purpose: the frame bytes are the same for every client with the same
+        compression window.
         """
         if self.window_bits == NOT_SHARED:
-            broadcast([self.ws], update.frame, text=True)
+            for update in updates:
+                broadcast([self.ws], update.frame, text=True)
+        elif len(updates) == 1:
+            self.ws.transport.write(updates[0].wire(self.window_bits))
         else:
-            self.ws.transport.write(update.wire(self.window_bits))
+            self.ws.transport.write(b"".join(u.wire(self.window_bits) for u in updates))
 
     def send_snapshot(self, channel: str, frame: SharedFrame) -> None:
         """Send a channel's snapshot, ahead of the channel's next updates."""

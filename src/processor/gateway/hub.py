@@ -31,6 +31,9 @@ log = get_logger("gateway.hub")
 
 RECONNECT_INITIAL_S = 0.2
 RECONNECT_MAX_S = 5.0
+# Updates published together (after one commit: positions, leaderboards, standings) are
+# written to each client in one system call: the writes, not the bytes, are the cost.
+FAN_OUT_WINDOW_S = 0.005
 
 
 class Hub:
@@ -44,6 +47,8 @@ class Hub:
         self._buffered: dict[str, list[Update]] = {}
         self._subscribers: dict[str, set[Client]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._pending: list[Update] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
         self._ready = asyncio.Event()
 
     async def start(self) -> None:
@@ -53,6 +58,8 @@ class Hub:
 
     async def stop(self) -> None:
         """Stop following the live channel and cancel pending snapshot loads."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
         tasks = [t for t in [self._listener, *self._loads.values()] if t is not None]
         for task in tasks:
             task.cancel()
@@ -142,42 +149,66 @@ class Hub:
                 return None
 
     def on_message(self, pubsub_name: str, raw: bytes) -> None:
-        """Handle one published update: apply it and fan it out (never awaits)."""
+        """Take one published update; it is applied and fanned out with its batch."""
         channel = self._keys.channel_of(pubsub_name)
         if channel is None:
             return
         buffered = self._buffered.get(channel)
-        state = self._states.get(channel)
-        if buffered is None and state is None:
+        if buffered is None and channel not in self._states:
             return
         update = parse_update(channel, raw)
         metrics.UPDATES.inc()
         if buffered is not None:
             buffered.append(update)
-        elif state is not None and update.seq > state.seq:
-            self._advance(state, update)
+            return
+        self._pending.append(update)
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(FAN_OUT_WINDOW_S, self._flush)
 
-    def _advance(self, state: ChannelState, update: Update) -> None:
+    def _flush(self) -> None:
+        """Apply the updates received in the window, in order, and deliver them."""
+        self._flush_handle = None
+        batch, self._pending = self._pending, []
+        ready = [update for update in batch if self._advance(update)]
+        if ready:
+            started = time.perf_counter()
+            self._deliver(ready)
+            metrics.FAN_OUT.observe(time.perf_counter() - started)
+
+    def _advance(self, update: Update) -> bool:
+        """Apply an update if it is the channel's next one; False if it is not to be sent."""
+        buffered = self._buffered.get(update.channel)
+        if buffered is not None:  # a reload started since it arrived
+            buffered.append(update)
+            return False
+        state = self._states.get(update.channel)
+        if state is None or update.seq <= state.seq:
+            return False
         if update.seq != state.seq + 1:
             metrics.GAPS.inc()
             log.warning("sequence gap", channel=state.channel, have=state.seq, got=update.seq)
             self._reload(state.channel)
-            return
+            return False
         state.apply(update)
-        self._fan_out(update)
-
-    def _fan_out(self, update: Update) -> None:
-        started = time.perf_counter()
-        direct = 0
-        for client in self._subscribers.get(update.channel, ()):
-            if client.caught_up():
-                client.write_update(update)
-                direct += 1
-            else:
-                client.queue(update)
-        metrics.FRAMES_SENT.labels("direct").inc(direct)
-        metrics.FAN_OUT.observe(time.perf_counter() - started)
         metrics.PUBLISH_DELAY.observe(max(0.0, time.time() - update.published_at / 1000))
+        return True
+
+    def _deliver(self, updates: list[Update]) -> None:
+        """One write per caught-up client for all its updates; lagging ones queue them."""
+        per_client: dict[Client, list[Update]] = {}
+        for update in updates:
+            for client in self._subscribers.get(update.channel, ()):
+                per_client.setdefault(client, []).append(update)
+        direct = 0
+        for client, mine in per_client.items():
+            if client.caught_up():
+                client.write_updates(mine)
+                direct += len(mine)
+            else:
+                for update in mine:
+                    client.queue(update)
+        metrics.FRAMES_SENT.labels("direct").inc(direct)
 
     def _reload(self, channel: str) -> None:
         self._states.pop(channel, None)
