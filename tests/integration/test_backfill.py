@@ -136,12 +136,13 @@ async def test_a_dry_run_counts_the_changes_and_writes_nothing(db: asyncpg.Conne
 
 
 async def test_an_interrupted_backfill_resumes_after_the_last_chunk_and_ends_the_same(
-    db: asyncpg.Connection,
+    db: asyncpg.Connection, migrated_database: str
 ) -> None:
     await backfill(db, spec())
     await set_multiplier(db, "FMB920", 66, "0.01")
 
-    first = Backfill(db, spec(), MappingCache("FMB920", 1.0), chunk=25)
+    writer = await asyncpg.connect(migrated_database)  # reading overlaps writing
+    first = Backfill(db, spec(), MappingCache("FMB920", 1.0), chunk=25, writer=writer)
     await first.prepare()
     chunks = 0
 
@@ -151,8 +152,11 @@ async def test_an_interrupted_backfill_resumes_after_the_last_chunk_and_ends_the
         if chunks == 3:
             raise Interrupted
 
-    with pytest.raises(Interrupted):
-        await first.run(stop_after_three)
+    try:
+        with pytest.raises(Interrupted):
+            await first.run(stop_after_three)
+    finally:
+        await writer.close()
 
     second = Backfill(db, spec(), MappingCache("FMB920", 1.0), chunk=25)
     todo = await second.prepare()

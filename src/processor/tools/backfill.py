@@ -13,10 +13,12 @@ last committed chunk and ends with the same table as an uninterrupted one.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -82,10 +84,17 @@ Progress = Callable[[int], None]
 # --- pure: stored IO back to decoder input ----------------------------------------------
 
 
-def stored_io(raw: str | bytes) -> dict[int, IoValue]:
+def stored_io(raw: str) -> dict[int, IoValue]:
     """The ``positions.io`` JSON back to ``{io_id: int | bytes}`` (bytes are stored as hex)."""
     parsed: dict[str, Any] = orjson.loads(raw)
-    return {int(k): bytes.fromhex(v) if isinstance(v, str) else v for k, v in parsed.items()}
+    io: dict[int, IoValue] = dict(zip(map(int, parsed), parsed.values(), strict=True))
+    # Keys account for two quotes each; more quotes mean string values (hex of variable-length
+    # elements), which most records do not have.
+    if raw.count('"') > 2 * len(io):
+        for io_id, value in io.items():
+            if isinstance(value, str):
+                io[io_id] = bytes.fromhex(value)
+    return io
 
 
 def attribute_rows(
@@ -177,9 +186,21 @@ _BEFORE_ALL: Final = (-1, dt.datetime(1970, 1, 1, tzinfo=dt.UTC))
 # --- the run ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """Decoded attribute rows of one chunk, and the last position key they cover."""
+
+    rows: list[tuple[int, dt.datetime, str, int]]
+    last: tuple[int, dt.datetime]
+
+
 @dataclass(slots=True)
 class Backfill:
-    """One backfill run over one connection: :meth:`prepare`, then :meth:`run`."""
+    """One backfill run: :meth:`prepare`, then :meth:`run`.
+
+    With a second connection (``writer``), reading and decoding the next chunk overlaps
+    with writing the current one; chunks are still written, and progress recorded, in order.
+    """
 
     conn: asyncpg.Connection
     spec: BackfillSpec
@@ -187,9 +208,14 @@ class Backfill:
     chunk: int = DEFAULT_CHUNK
     dry_run: bool = False
     restart: bool = False
+    writer: asyncpg.Connection | None = None
     device_ids: list[int] | None = None
     summary: Summary = field(default_factory=Summary)
     _after: tuple[int, dt.datetime] = _BEFORE_ALL
+
+    @property
+    def _out(self) -> asyncpg.Connection:
+        return self.writer if self.writer is not None else self.conn
 
     async def prepare(self) -> int:
         """Load the mappings, select the devices, find where to start; return rows to do."""
@@ -199,39 +225,65 @@ class Backfill:
         self.device_ids = await self._select_devices()
         self.summary.dry_run = self.dry_run
         self.summary.selected_devices = None if self.device_ids is None else len(self.device_ids)
-        await self.conn.execute(_STAGE)
+        await self._out.execute(_STAGE)
         self._after = await self._resume_point()
         return int(await self.conn.fetchval(_COUNT, *self._range(), *self._after))
 
     async def run(self, progress: Progress | None = None) -> Summary:
         """Process every chunk after the resume point; ``progress(n)`` after each chunk."""
         started = time.perf_counter()
-        after = self._after
-        while rows := await self.conn.fetch(_CHUNK, *self._range(), *after, self.chunk):
-            after = (rows[-1][0], rows[-1][1])
-            await self._process(rows, after)
-            if progress is not None:
-                progress(len(rows))
+        async with aclosing(self._ordered_chunks()) as chunks:  # stops the read-ahead on error
+            async for chunk in chunks:
+                await self._write(chunk)
+                if progress is not None:
+                    progress(len(chunk.rows))
         if not self.dry_run:
-            await self.conn.execute(_FINISH, self.spec.key())
+            await self._out.execute(_FINISH, self.spec.key())
         self.summary.seconds += time.perf_counter() - started
         return self.summary
 
     def _range(self) -> tuple[dt.datetime, dt.datetime, list[int] | None]:
         return self.spec.start, self.spec.end, self.device_ids
 
-    async def _process(self, rows: Sequence[asyncpg.Record], last: tuple[int, dt.datetime]) -> None:
-        """Decode one chunk and upsert it with the run's progress, in one transaction."""
-        decoded = attribute_rows(rows, self.cache)
-        async with self.conn.transaction():
-            await self.conn.copy_records_to_table("backfill_stage", records=decoded)
+    async def _chunks(self) -> AsyncGenerator[_Chunk, None]:
+        """Fetch and decode the chunks after the resume point, in key order."""
+        after = self._after
+        while rows := await self.conn.fetch(_CHUNK, *self._range(), *after, self.chunk):
+            after = (rows[-1][0], rows[-1][1])
+            yield _Chunk(attribute_rows(rows, self.cache), after)
+
+    async def _ordered_chunks(self) -> AsyncGenerator[_Chunk, None]:
+        """The chunks; with a writer connection, read ahead (two chunks) while writing."""
+        if self.writer is None:
+            async for chunk in self._chunks():
+                yield chunk
+            return
+        queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(maxsize=2)
+        reader = asyncio.create_task(self._read_ahead(queue))
+        try:
+            while (item := await _next(queue, reader)) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _read_ahead(self, queue: asyncio.Queue[_Chunk | None]) -> None:
+        async for chunk in self._chunks():
+            await queue.put(chunk)
+        await queue.put(None)
+
+    async def _write(self, chunk: _Chunk) -> None:
+        """Upsert one chunk's changed rows with the run's progress, in one transaction."""
+        out = self._out
+        async with out.transaction():
+            await out.copy_records_to_table("backfill_stage", records=chunk.rows)
             if self.dry_run:
-                changed = int(await self.conn.fetchval(_DIFFERING))
+                changed = int(await out.fetchval(_DIFFERING))
             else:
-                changed = int(await self.conn.fetchval(_UPSERT))
-                await self.conn.execute(_ADVANCE, self.spec.key(), *last, len(rows), changed)
-        self.summary.rows_seen += len(rows)
-        self.summary.session_rows += len(rows)
+                changed = int(await out.fetchval(_UPSERT))
+                await out.execute(_ADVANCE, self.spec.key(), *chunk.last, len(chunk.rows), changed)
+        self.summary.rows_seen += len(chunk.rows)
+        self.summary.session_rows += len(chunk.rows)
         self.summary.rows_changed += changed
         self.summary.chunks += 1
 
@@ -243,14 +295,14 @@ class Backfill:
         if self.dry_run:
             return _BEFORE_ALL
         key = self.spec.key()
-        row = await self.conn.fetchrow(_LOAD_PROGRESS, key)
+        row = await self._out.fetchrow(_LOAD_PROGRESS, key)
         unfinished = row is not None and row["finished_at"] is None
         if unfinished and not self.restart and row["last_device_id"] is not None:
             self.summary.resumed_from = (int(row["last_device_id"]), row["last_ts"])
             self.summary.rows_seen = int(row["rows_seen"])
             self.summary.rows_changed = int(row["rows_changed"])
             return self.summary.resumed_from
-        await self.conn.execute(_START, key, orjson.dumps(self.spec.as_json()).decode())
+        await self._out.execute(_START, key, orjson.dumps(self.spec.as_json()).decode())
         return _BEFORE_ALL
 
     async def _select_devices(self) -> list[int] | None:
@@ -278,3 +330,15 @@ class Backfill:
         if not chosen:
             raise BackfillError(f"no device uses model {model!r}")
         return sorted(chosen)
+
+
+async def _next(queue: asyncio.Queue[_Chunk | None], reader: asyncio.Task[None]) -> _Chunk | None:
+    """The next chunk from ``queue``; the reader's error if it fails before providing one."""
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+    if not getter.done():
+        error = reader.exception()
+        if error is not None:
+            getter.cancel()
+            raise error
+    return await getter

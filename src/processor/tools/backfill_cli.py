@@ -95,14 +95,18 @@ async def _run(
     settings: Settings, spec: BackfillSpec, chunk: int, dry_run: bool, restart: bool
 ) -> Summary:
     conn = await asyncpg.connect(settings.database_dsn())
+    writer = await asyncpg.connect(settings.database_dsn())
     try:
-        job = Backfill(conn, spec, MappingCache.from_settings(settings), chunk, dry_run, restart)
+        job = Backfill(
+            conn, spec, MappingCache.from_settings(settings), chunk, dry_run, restart, writer
+        )
         todo = await job.prepare()
         columns = (TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
             task = bar.add_task("rows", total=todo)
             return await job.run(lambda n: bar.advance(task, n))
     finally:
+        await writer.close()
         await conn.close()
 
 
