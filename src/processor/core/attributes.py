@@ -178,7 +178,9 @@ def _as_bytes(value: IoValue, size: int) -> bytes:
 def _ascii_decoder(size: int) -> Decoder:
     def decode(value: IoValue) -> str:
         # Devices pad fixed-size text with NULs; anything not ASCII is shown, not dropped.
-        return _as_bytes(value, size).rstrip(b"\x00").decode("ascii", errors="replace")
+        # A NUL inside cannot be stored (PostgreSQL text and jsonb refuse \u0000): shown too.
+        text = _as_bytes(value, size).rstrip(b"\x00").decode("ascii", errors="replace")
+        return text.replace("\x00", "\ufffd")
 
     return decode
 
