@@ -13,6 +13,7 @@ import json
 import orjson
 import pytest
 
+from processor.core.attributes import IoElement, compile_decoder
 from processor.core.contract import INVALID_JSON, decode_entry
 from processor.core.records import Record, Rejection
 
@@ -73,3 +74,10 @@ def test_a_repeated_key_is_rejected_as_invalid_json(raw: bytes) -> None:
 def test_whitespace_escaped_names_and_a_missing_generation_are_not_repeats(raw: bytes) -> None:
     outcome = decode_entry("1-1", {b"v": b"1", b"imei": imei(1).encode(), b"payload": raw})
     assert type(outcome) is Record
+
+
+def test_a_nul_inside_ascii_text_becomes_a_replacement_character_storable_in_jsonb() -> None:
+    element = IoElement(256, "vin", size=-1, encoding="ascii")
+    decode = compile_decoder(element)
+    assert decode is not None
+    assert decode(b"\x00\x00VIN\x00X\x00\x00") == "\ufffd\ufffdVIN\ufffdX"
