@@ -117,6 +117,7 @@ class Settings(BaseSettings):
     gateway_max_subscriptions: PositiveInt = 16
     gateway_compression: bool = True
     gateway_reuse_port: bool = False
+    gateway_socket_send_buffer_bytes: PositiveInt = 262_144
 
     # Domain events (outbox → webhooks)
     directus_url: AnyUrl | None = None

@@ -115,7 +115,11 @@ async def test_positions_are_throttled_to_one_per_entry_per_second(
 async def test_lagging_client_gets_coalesced_updates_ending_with_the_latest(
     start_gateway: GatewayFactory, publisher: LivePublisher
 ) -> None:
-    gateway = await start_gateway(gateway_write_limit_bytes=16_384, gateway_client_queue=10_000)
+    gateway = await start_gateway(
+        gateway_write_limit_bytes=16_384,
+        gateway_socket_send_buffer_bytes=32_768,
+        gateway_client_queue=10_000,
+    )
     async with await open_tiny_client(gateway) as slow:
         await subscribe(slow, "stage:2:leaderboard")
         for version in range(1, 301):  # ~8 MB: more than the socket buffers hold
@@ -131,7 +135,11 @@ async def test_lagging_client_gets_coalesced_updates_ending_with_the_latest(
 async def test_client_that_never_reads_is_disconnected_without_delaying_a_fast_one(
     start_gateway: GatewayFactory, publisher: LivePublisher, record_property: Any
 ) -> None:
-    gateway = await start_gateway(gateway_write_limit_bytes=16_384, gateway_client_queue=16)
+    gateway = await start_gateway(
+        gateway_write_limit_bytes=16_384,
+        gateway_socket_send_buffer_bytes=32_768,
+        gateway_client_queue=16,
+    )
     coalesced_before = _coalesced()
     slow = await open_tiny_client(gateway)
     await subscribe(slow, "stage:4:leaderboard")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import socket
 import time
 from dataclasses import dataclass
 
@@ -157,6 +158,7 @@ class Gateway:
     async def _handle(self, ws: ServerConnection) -> None:
         """Serve one WebSocket connection until it closes."""
         s = self.settings
+        _cap_send_buffer(ws, s.gateway_socket_send_buffer_bytes)
         client = Client(ws, s.gateway_client_queue, s.gateway_write_limit_bytes)
         bucket = TokenBucket(s.gateway_subscribe_rate_per_s, s.gateway_subscribe_burst)
         self._clients.add(client)
@@ -225,6 +227,17 @@ class Gateway:
         if expected is None or token is None:
             return False
         return hmac.compare_digest(token.encode(), expected.get_secret_value().encode())
+
+
+def _cap_send_buffer(ws: ServerConnection, size: int) -> None:
+    """Cap the kernel's send buffer of a client socket.
+
+    Left to autotuning it grows to megabytes: a client that reads too slowly would hide
+    seconds of stale updates there before the gateway saw it lag and coalesced them.
+    """
+    sock = ws.transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 def _extensions(compression: bool) -> list[ServerExtensionFactory]:
