@@ -54,6 +54,10 @@ def env_for(settings: Settings, consumer: str) -> dict[str, str]:
         PROCESSOR_CONSUMER=consumer,
         PROCESSOR_HTTP_PORT="0",
         PROCESSOR_CLAIM_IDLE_MS="1000",
+        # Kills come faster than a loaded machine starts a process, so one batch may be
+        # delivered to five processes that all die before committing it: that is not the
+        # poison entry PROCESSOR_MAX_DELIVERIES protects against.
+        PROCESSOR_MAX_DELIVERIES="100",
         PROCESSOR_LOG_LEVEL="warning",
         PROCESSOR_DOMAIN_ENABLED="false",
     )

@@ -123,7 +123,12 @@ class StreamSource:
             self._phase = PHASE_NEW
         now = time.monotonic()
         if now >= self._next_claim:
-            delivery = await self._claim_idle()
+            # One full pass over the group's pending entries (XAUTOCLAIM pages through
+            # them with a cursor); an empty page does not mean the pass is over.
+            while True:
+                delivery = await self._claim_idle()
+                if not delivery.empty() or self._claim_cursor == "0-0":
+                    break
             if not delivery.empty():
                 return delivery
             self._next_claim = now + self._claim_idle_ms / 2000
