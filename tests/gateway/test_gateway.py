@@ -10,12 +10,14 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from click.testing import CliRunner
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from processor.adapters.live import LivePublisher
+from processor.gateway.cli import gateway as gateway_command
 
 from .conftest import GatewayFactory
 from .helpers import (
@@ -302,3 +304,15 @@ async def _wait_for(condition: Any, wait_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+async def test_check_mode_exits_zero_only_when_the_gateway_answers(
+    start_gateway: GatewayFactory,
+) -> None:
+    gateway = await start_gateway()
+    args = ["--check", "--port", str(gateway.port)]
+    runner = CliRunner()
+    up = await asyncio.to_thread(runner.invoke, gateway_command, args)
+    await gateway.stop()
+    down = await asyncio.to_thread(runner.invoke, gateway_command, args)
+    assert (up.exit_code, down.exit_code) == (0, 1)

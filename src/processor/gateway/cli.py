@@ -6,8 +6,10 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 
 import click
+import httpx
 
 from processor.cli import settings_or_exit
 from processor.logs import configure_logging, get_logger
@@ -21,18 +23,35 @@ log = get_logger("gateway.cli")
 @click.option("--port", type=int, default=None, help="Port to bind [PROCESSOR_GATEWAY_PORT].")
 @click.option("--redis-url", default=None, help="Redis URL [PROCESSOR_REDIS_URL].")
 @click.option("--live-prefix", default=None, help="Live key prefix [PROCESSOR_LIVE_PREFIX].")
+@click.option("--check", is_flag=True, help="Exit 0 if the local gateway answers, else 1.")
 def gateway(
-    host: str | None, port: int | None, redis_url: str | None, live_prefix: str | None
+    host: str | None,
+    port: int | None,
+    redis_url: str | None,
+    live_prefix: str | None,
+    check: bool,
 ) -> None:
     """Serve live leaderboards over WebSocket (/ws) and the live page (/)."""
     settings = settings_or_exit(
         gateway_host=host, gateway_port=port, redis_url=redis_url, live_prefix=live_prefix
     )
+    if check:
+        sys.exit(0 if _healthy(settings) else 1)
     configure_logging(settings.log_format, settings.log_level)
     if settings.log_level != "debug":
         # websockets logs every connection and HTTP response at info: too much at scale.
         logging.getLogger("websockets").setLevel(logging.WARNING)
     asyncio.run(_main(settings))
+
+
+def _healthy(settings: Settings) -> bool:
+    """Whether the gateway at the configured address answers ``/healthz``."""
+    host = "127.0.0.1" if settings.gateway_host in ("0.0.0.0", "") else settings.gateway_host  # noqa: S104 - a probe of the wildcard bind goes to loopback
+    url = f"http://{host}:{settings.gateway_port}/healthz"
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 async def _main(settings: Settings) -> None:
