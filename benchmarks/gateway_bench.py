@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import math
 import os
 import resource
@@ -221,6 +222,8 @@ def _read_commands(loop: asyncio.AbstractEventLoop, commands: asyncio.Queue[str]
 async def clients_main(port: int, count: int, channels: list[str], compression: bool) -> None:
     """Open ``count`` clients; report readiness, then measure on the parent's command."""
     raise_fd_limit()
+    # The harness's own garbage-collection pauses would count as delivery latency.
+    gc.disable()
     stats = ClientStats()
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[str] = asyncio.Queue()

@@ -260,7 +260,7 @@ async def load_snapshot(redis: aioredis.Redis, keys: LiveKeys, channel: str) -> 
     seq = int(seq_raw) if seq_raw is not None else 0
     if kind in (ChannelKind.POSITIONS, ChannelKind.ALERTS):
         return seq, [orjson.loads(item) for item in stored_raw]
-    return seq, orjson.loads(stored_raw)["data"] if stored_raw is not None else None
+    return seq, stored_raw  # the envelope's bytes: see new_state
 
 
 def _text(value: bytes | str) -> str:

@@ -7,8 +7,8 @@ subscribers cost one Redis read.
 
 from __future__ import annotations
 
+import re
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -16,7 +16,6 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.frames import Frame, Opcode
 
 from processor.adapters.live import ALERTS_KEPT, TRAIL_POINTS, ChannelKind, channel_kind
-from processor.gateway.protocol import encode
 
 DEFLATE_LEVEL = 6  # compressed once per update, not per client: ratio matters more
 
@@ -42,24 +41,51 @@ class SharedFrame:
         return frame
 
 
-@dataclass(frozen=True)
 class Update:
-    """One update as published, with its client frame encoded once for every client."""
+    """One update as published, with its client frame encoded once for every client.
 
-    channel: str
-    kind: ChannelKind
-    seq: int
-    published_at: int
-    data: Any
-    frame: bytes
-    shared: SharedFrame = field(init=False, compare=False, repr=False)
+    ``data`` is parsed only when something needs it (merging positions, appending an
+    alert): a leaderboard passes through the gateway as bytes.
+    """
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shared", SharedFrame(self.frame))
+    __slots__ = ("_data", "channel", "data_raw", "frame", "kind", "published_at", "seq", "shared")
+
+    def __init__(
+        self, channel: str, seq: int, published_at: int, data_raw: bytes, frame: bytes
+    ) -> None:
+        self.channel = channel
+        self.kind = channel_kind(channel)
+        self.seq = seq
+        self.published_at = published_at
+        self.data_raw = data_raw
+        self.frame = frame
+        self.shared = SharedFrame(frame)
+        self._data: Any = _UNPARSED
+
+    @property
+    def data(self) -> Any:
+        """The update's ``data``, parsed on first use."""
+        if self._data is _UNPARSED:
+            self._data = orjson.loads(self.data_raw)
+        return self._data
 
     def wire(self, window_bits: int) -> bytes:
         """The update's WebSocket frame for a client with this compression window."""
         return self.shared.wire(window_bits)
+
+
+_UNPARSED = object()
+# The publisher's script writes exactly this prefix; anything else is parsed in full.
+_ENVELOPE = re.compile(rb'\{"seq":(\d+),"published_at":(\d+),"data":')
+
+
+def split_envelope(raw: bytes) -> tuple[int, int, bytes]:
+    """``seq``, ``published_at`` and the raw ``data`` JSON of a published message."""
+    match = _ENVELOPE.match(raw)
+    if match is not None and raw.endswith(b"}"):
+        return int(match[1]), int(match[2]), raw[match.end() : -1]
+    body = orjson.loads(raw)
+    return int(body["seq"]), int(body["published_at"]), orjson.dumps(body["data"])
 
 
 def wire_frame(payload: bytes, window_bits: int) -> bytes:
@@ -83,21 +109,23 @@ def parse_update(channel: str, raw: bytes) -> Update:
 
     The client frame reuses the published bytes: only a header is prepended.
     """
-    body = orjson.loads(raw)
-    header = b'{"type":"update","channel":' + orjson.dumps(channel) + b","
-    return Update(
-        channel=channel,
-        kind=channel_kind(channel),
-        seq=int(body["seq"]),
-        published_at=int(body["published_at"]),
-        data=body["data"],
-        frame=header + raw.lstrip()[1:],
+    seq, published_at, data_raw = split_envelope(raw)
+    header = b'{"type":"update","channel":' + orjson.dumps(channel)
+    frame = b"".join(
+        [header, b',"seq":%d,"published_at":%d,"data":' % (seq, published_at), data_raw, b"}"]
     )
+    return Update(channel, seq, published_at, data_raw, frame)
 
 
 def snapshot_frame(channel: str, seq: int, data: Any) -> bytes:
     """The ``snapshot`` frame a subscriber receives first."""
-    return encode({"type": "snapshot", "channel": channel, "seq": seq, "data": data})
+    return raw_snapshot_frame(channel, seq, orjson.dumps(data))
+
+
+def raw_snapshot_frame(channel: str, seq: int, data_raw: bytes) -> bytes:
+    """The ``snapshot`` frame around ``data`` already in JSON."""
+    header = b'{"type":"snapshot","channel":' + orjson.dumps(channel)
+    return b"".join([header, b',"seq":%d,"data":' % seq, data_raw, b"}"])
 
 
 class ChannelState:
@@ -130,18 +158,30 @@ class ChannelState:
 
 
 class ReplaceState(ChannelState):
-    """Leaderboard, standings, course, catalog: each update is the whole state."""
+    """Leaderboard, standings, course, catalog: each update is the whole state.
 
-    def __init__(self, channel: str, seq: int = 0, data: Any = None) -> None:
+    Kept as the published JSON bytes: the gateway never needs to look inside.
+    """
+
+    def __init__(self, channel: str, seq: int = 0, data_raw: bytes | None = None) -> None:
         super().__init__(channel, seq)
-        self._data = data if data is not None else _empty(self.kind)
+        self._raw = data_raw if data_raw is not None else orjson.dumps(_empty(self.kind))
 
     def data(self) -> Any:
         """The latest published state, or the kind's empty state."""
-        return self._data
+        return orjson.loads(self._raw)
 
-    def _apply(self, data: Any) -> None:
-        self._data = data
+    def snapshot(self) -> SharedFrame:
+        """The snapshot frame, built from the stored bytes (cached until the next update)."""
+        if self._frame is None:
+            self._frame = SharedFrame(raw_snapshot_frame(self.channel, self.seq, self._raw))
+        return self._frame
+
+    def apply(self, update: Update) -> None:
+        """Take the update's bytes as the new state."""
+        self.seq = update.seq
+        self._frame = None
+        self._raw = update.data_raw
 
 
 class PositionsState(ChannelState):
@@ -202,10 +242,13 @@ def _empty(kind: ChannelKind) -> Any:
 
 
 def new_state(channel: str, seq: int, stored: Any) -> ChannelState:
-    """Build a channel's state from what its snapshot key held (None when absent)."""
+    """Build a channel's state from what its snapshot key held (None when absent).
+
+    Positions and alerts: the parsed rows; the other kinds: the stored envelope's bytes.
+    """
     kind = channel_kind(channel)
     if kind is ChannelKind.POSITIONS:
         return PositionsState(channel, seq, stored or [])
     if kind is ChannelKind.ALERTS:
         return AlertsState(channel, seq, stored or [])
-    return ReplaceState(channel, seq, stored)
+    return ReplaceState(channel, seq, split_envelope(stored)[2] if stored else None)
