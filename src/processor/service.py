@@ -177,7 +177,11 @@ async def _build_with_retry(settings: Settings, stop: asyncio.Event) -> Runtime:
 def components(settings: Settings) -> list[Component]:
     """The optional parts wired into the service, in order."""
     found: list[Component] = []
-    for module_name in ("processor.adapters.mappings", "processor.adapters.domain_live"):
+    for module_name in (
+        "processor.adapters.mappings",
+        "processor.adapters.domain_live",
+        "processor.adapters.dispatcher",
+    ):
         with contextlib.suppress(ModuleNotFoundError):
             module = __import__(module_name, fromlist=["install"])
             found.append(module.install)

@@ -8,7 +8,9 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import IO
 
 import asyncpg
 import orjson
@@ -22,6 +24,7 @@ from .pipeline_helpers import MALFORMED, entry, shuffled, stored_keys, xadd_all
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROCESSOR = str(Path(sys.executable).with_name("processor"))
+LOGS: dict[int, IO[bytes]] = {}
 
 
 def build_stream(total: int, seed: int) -> tuple[list[dict[str, bytes]], set[tuple[int, int]], int]:
@@ -65,9 +68,20 @@ def env_for(settings: Settings, consumer: str) -> dict[str, str]:
 
 
 def start(settings: Settings, consumer: str, *args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [PROCESSOR, "run", *args], env=env_for(settings, consumer), stderr=subprocess.PIPE
-    )
+    # Logs go to a file, not a pipe: a pipe nobody reads fills up and blocks the child.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the child until it exits
+    proc = subprocess.Popen([PROCESSOR, "run", *args], env=env_for(settings, consumer), stderr=log)
+    LOGS[proc.pid] = log
+    return proc
+
+
+def log_of(proc: subprocess.Popen[bytes]) -> bytes:
+    """Everything the child wrote to stderr (call after it exited)."""
+    log = LOGS.pop(proc.pid)
+    log.seek(0)
+    data = log.read()
+    log.close()
+    return bytes(data)
 
 
 async def wait_for_rows(conn: asyncpg.Connection, timeout_s: float = 60) -> None:
@@ -81,8 +95,8 @@ async def wait_for_rows(conn: asyncpg.Connection, timeout_s: float = 60) -> None
 
 async def finish_burst(settings: Settings, consumer: str) -> None:
     proc = start(settings, consumer, "--burst")
-    _, err = await asyncio.to_thread(proc.communicate, timeout=240)
-    assert proc.returncode == 0, err.decode()[-2000:]
+    await asyncio.to_thread(proc.wait, timeout=240)
+    assert proc.returncode == 0, log_of(proc).decode()[-2000:]
 
 
 async def assert_exactly_once(
@@ -113,7 +127,8 @@ async def test_sigkill_at_random_points_loses_and_duplicates_nothing(
         proc = start(settings, f"crash-{round_no // 2}")
         await asyncio.sleep(rng.uniform(1.2, 2.5))
         proc.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(proc.communicate)
+        await asyncio.to_thread(proc.wait)
+        log_of(proc)
         assert proc.returncode == -signal.SIGKILL
     await asyncio.sleep(1.2)  # let the last consumer's entries become idle for claiming
     await finish_burst(settings, "crash-final")
@@ -140,7 +155,8 @@ async def test_terminated_database_connections_lose_nothing(
         await asyncio.sleep(2)
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        await asyncio.to_thread(proc.wait, timeout=60)
+    err = log_of(proc)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert b"dependency unavailable, retrying" in err
     await finish_burst(settings, "terminated")
