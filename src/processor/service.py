@@ -26,12 +26,13 @@ from processor.adapters import errors
 from processor.adapters.http_probe import ProbeServer
 from processor.adapters.positions_store import PositionsStore, init_connection
 from processor.adapters.redis_stream import StreamSource
+from processor.cli import settings_or_exit
 from processor.core import metrics
 from processor.core.pipeline import CommitHook, Pipeline, PipelineConfig
 from processor.core.retry import Backoff
 from processor.core.state import DeviceStates
 from processor.logs import configure_logging, get_logger
-from processor.settings import Settings, SettingsError, load_settings
+from processor.settings import Settings
 
 log = get_logger("service")
 
@@ -330,15 +331,6 @@ def check_running(settings: Settings) -> bool:
             return bool(r.status == 200)
     except OSError:
         return False
-
-
-def settings_or_exit(**overrides: Any) -> Settings:
-    """Settings, or a message on stderr naming what is wrong and exit status 2."""
-    try:
-        return load_settings(**overrides)
-    except SettingsError as exc:
-        click.echo(f"processor: {exc}", err=True)
-        sys.exit(2)
 
 
 @click.command("run")

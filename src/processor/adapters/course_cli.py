@@ -23,7 +23,8 @@ from processor.adapters.reference import (
     read_io_csv,
     seed_io_mappings,
 )
-from processor.adapters.schema_cli import fail, run_with_connection, settings_or_exit
+from processor.adapters.schema_cli import fail, run_with_connection
+from processor.cli import settings_or_exit
 
 _file = click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 

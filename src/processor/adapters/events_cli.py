@@ -23,8 +23,9 @@ from processor.adapters.dispatcher import (
     RouteError,
     make_http_client,
 )
+from processor.cli import settings_or_exit
 from processor.logs import configure_logging, get_logger
-from processor.settings import Settings, SettingsError, load_settings
+from processor.settings import Settings
 
 T = TypeVar("T")
 
@@ -32,10 +33,7 @@ log = get_logger("events")
 
 
 def _settings() -> Settings:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from exc
+    settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
     return settings
 

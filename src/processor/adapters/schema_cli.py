@@ -23,7 +23,8 @@ from processor.adapters.directus_schema import (
     check_schema,
     load_schema,
 )
-from processor.settings import Settings, SettingsError, load_settings
+from processor.cli import settings_or_exit
+from processor.settings import Settings
 
 T = TypeVar("T")
 
@@ -35,14 +36,6 @@ def fail(message: str, code: int = EXIT_INPUT) -> NoReturn:
     """Print ``Error: message`` to stderr and exit with ``code`` (no traceback)."""
     click.echo(f"Error: {message}", err=True)
     raise SystemExit(code)
-
-
-def settings_or_exit(**overrides: object) -> Settings:
-    """The settings, or exit 2 naming each invalid variable."""
-    try:
-        return load_settings(**overrides)
-    except SettingsError as exc:
-        fail(str(exc))
 
 
 def run_with_connection(

@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from processor.adapters.mappings import MappingCache
+from processor.cli import settings_or_exit
 from processor.logs import configure_logging
-from processor.settings import Settings, SettingsError, load_settings
+from processor.settings import Settings
 from processor.tools.backfill import DEFAULT_CHUNK, Backfill, BackfillError, BackfillSpec, Summary
 
 
@@ -83,10 +84,7 @@ def attributes(
 
 
 def _settings() -> Settings:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from exc
+    settings = settings_or_exit()
     configure_logging(settings.log_format, settings.log_level)
     return settings
 

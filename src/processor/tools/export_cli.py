@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 from prometheus_client import start_http_server
 
+from processor.cli import settings_or_exit
 from processor.logs import configure_logging
-from processor.settings import SettingsError, load_settings
 from processor.tools.export import ExportError, run_export, tune_gc
 from processor.tools.export_files import DatasetError
 from processor.tools.export_verify import verify_dataset
@@ -49,15 +49,12 @@ def export(
         return
     if out is None:
         raise click.UsageError("--out DIR is required (or use `processor export verify DIR`)")
-    try:
-        settings = load_settings(
-            export_group=group,
-            export_max_rows=max_rows,
-            export_max_age_s=max_age,
-            export_workers=workers,
-        )
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from exc
+    settings = settings_or_exit(
+        export_group=group,
+        export_max_rows=max_rows,
+        export_max_age_s=max_age,
+        export_workers=workers,
+    )
     configure_logging(settings.log_format, settings.log_level)
     if metrics_port is not None:
         start_http_server(metrics_port, addr=settings.http_host)
