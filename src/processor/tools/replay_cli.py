@@ -1,14 +1,13 @@
-"""``processor replay``: recompute race results from files (or, later, the database).
+"""``processor replay``: recompute race results from files or from the database.
 
 File mode needs no service: ``--course course.json --positions positions.csv``. The
-database mode (``--event`` with ``--stage/--entry/--from/--to/--write``) plugs in through
-:data:`DATABASE_REPLAY`; until an adapter provides it the command says it is unavailable.
+database mode (``--event`` with ``--stage/--entry/--from/--to/--write/--course``) is
+:mod:`processor.adapters.replay_db`.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,10 +22,6 @@ from processor.domain.rows import DomainResult
 from processor.domain.timeutil import TimeFormatError, parse_time_ms
 
 BAD_INPUT: Final = 2
-
-# Set by the database adapter (``module:function`` imported lazily) once it exists:
-# called with the parsed options, returns the process exit code.
-DATABASE_REPLAY: Final = "processor.adapters.replay_db:replay_from_database"
 
 
 class ReplayInputError(click.ClickException):
@@ -172,15 +167,8 @@ def _emit(data: bytes, path: Path | None) -> None:
 
 
 def _database_replay(options: dict[str, Any]) -> int:
-    """Hand over to the database replay adapter, if installed."""
-    import importlib
+    """The database replay (stored positions, stored or swapped course)."""
+    # Imported here: the file mode must not need asyncpg or a database.
+    from processor.adapters.replay_db import replay_from_database
 
-    module_name, attribute = DATABASE_REPLAY.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        raise ReplayInputError("database replay (--event) is not available yet") from exc
-    run: Callable[[dict[str, Any]], int] = getattr(module, attribute)
-    return run(options)
+    return replay_from_database(options)
