@@ -175,7 +175,7 @@ def processor_env(settings: Settings, **extra: str) -> dict[str, str]:
         PROCESSOR_RETRY_MAX_S="1",
         PROCESSOR_LOG_FORMAT="console",
         PROCESSOR_LOG_LEVEL="info",
-        PROCESSOR_DOMAIN_ENABLED="false",
+        PROCESSOR_DOMAIN_ENABLED="true",
     )
     env.update(extra)
     return env
