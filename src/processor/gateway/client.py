@@ -52,6 +52,13 @@ class Client:
             and transport.get_write_buffer_size() < self._write_limit
         )
 
+    def write_update(self, update: Update) -> None:
+        """Write one update's shared frame straight to the socket (see write_updates)."""
+        if self.window_bits == NOT_SHARED:
+            broadcast([self.ws], update.frame, text=True)
+        else:
+            self.ws.transport.write(update.wire(self.window_bits))
+
     def write_updates(self, updates: list[Update]) -> None:
         """Write updates' shared frames straight to the socket, in one write.
 

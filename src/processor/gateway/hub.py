@@ -196,6 +196,9 @@ class Hub:
 
     def _deliver(self, updates: list[Update]) -> None:
         """One write per caught-up client for all its updates; lagging ones queue them."""
+        if len(updates) == 1:  # the common case, without a container per client
+            self._deliver_one(updates[0])
+            return
         per_client: dict[Client, list[Update]] = {}
         for update in updates:
             for client in self._subscribers.get(update.channel, ()):
@@ -208,6 +211,16 @@ class Hub:
             else:
                 for update in mine:
                     client.queue(update)
+        metrics.FRAMES_SENT.labels("direct").inc(direct)
+
+    def _deliver_one(self, update: Update) -> None:
+        direct = 0
+        for client in self._subscribers.get(update.channel, ()):
+            if client.caught_up():
+                client.write_update(update)
+                direct += 1
+            else:
+                client.queue(update)
         metrics.FRAMES_SENT.labels("direct").inc(direct)
 
     def _reload(self, channel: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 CONNECTIONS = Gauge("gateway_connections", "Open WebSocket connections.")
@@ -27,3 +30,23 @@ FAN_OUT = Histogram(
     "Time to hand one update to every local subscriber.",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
 )
+GC_PAUSE = Histogram(
+    "gateway_gc_pause_seconds",
+    "Garbage-collector pauses of the gateway process, by generation.",
+    ["generation"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+)
+_gc_started: list[float] = []
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started[:] = [time.perf_counter()]
+    elif _gc_started:
+        GC_PAUSE.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started[0])
+
+
+def watch_gc() -> None:
+    """Record garbage-collector pauses (a source of delivery latency at scale)."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)

@@ -84,6 +84,7 @@ class Gateway:
 
     async def start(self) -> None:
         """Follow the live channel and start accepting connections."""
+        metrics.watch_gc()
         await self.hub.start()
         s = self.settings
         allowed = s.gateway_allowed_origins
