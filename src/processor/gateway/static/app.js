@@ -6,6 +6,7 @@ const params = new URLSearchParams(location.search);
 const token = params.get("token");
 const SVG_NS = "http://www.w3.org/2000/svg";
 const TRAIL_POINTS = 20;
+const LABELLED_VEHICLES = 30;
 
 const state = {
   ws: null,
@@ -448,9 +449,11 @@ function drawVehicles() {
     const title = svg("title", {});
     title.textContent = `#${number} · ${vehicle.row.speed ?? "?"} km/h · ${fmtClock(vehicle.row.ts)}`;
     group.append(svg("circle", { r: 6 }), title);
-    const label = svg("text", { x: 8, y: -7 });
-    label.textContent = number;
-    group.append(label);
+    if (state.vehicles.size <= LABELLED_VEHICLES) {  // beyond, numbers overlap: hover shows them
+      const label = svg("text", { x: 8, y: -7 });
+      label.textContent = number;
+      group.append(label);
+    }
     dotEls.push(group);
   }
   trails.replaceChildren(...trailEls);
