@@ -418,6 +418,7 @@ class DomainLive:
                 return
             try:
                 await self.tick()
+                await self.views.flush()
                 lengths = [await self.redis.xlen(shard_stream(self.settings, s)) for s in self.runs]
                 WORK_LAG.set(sum(lengths))
             except Exception:  # retried at the next tick

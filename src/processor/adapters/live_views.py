@@ -90,6 +90,15 @@ class LiveViews:
     def for_runtime(cls, runtime: Runtime) -> LiveViews:
         return cls(LivePublisher(runtime.redis, runtime.settings.live_prefix))
 
+    async def flush(self) -> None:
+        """Send the positions the 1 Hz throttle is still holding (called on each tick)."""
+        if self.publisher is None:
+            return
+        try:
+            await self.publisher.flush()
+        except _PUBLISH_ERRORS as exc:
+            log.warning("live positions flush failed", error=str(exc))
+
     async def publish_course_of(self, event_id: int, course: Course) -> None:
         """The course geometry (for the map) and the event in the catalog."""
         if self.publisher is None:
