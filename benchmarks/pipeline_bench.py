@@ -295,10 +295,19 @@ async def main(args: argparse.Namespace) -> None:
             r for i, e in enumerate(entries) if isinstance(r := decode_entry(f"{i}-0", e), Record)
         ]
         batch = settings.batch_max_size
-        print(f"{len(entries):,} entries, 1,000 devices, 15 IO elements each; batch {batch}")
-        e2e, stored = await end_to_end(settings, pool, entries)
-        with_attributes, _ = await end_to_end(settings, pool, entries, attributes=True)
-        ceil = await ceiling(pool, records, settings.batch_max_size)
+        print(
+            f"{len(entries):,} entries, 1,000 devices, 15 IO elements each; batch {batch}; "
+            f"best of {args.repeat} interleaved runs; load average {os.getloadavg()[0]:.1f}"
+        )
+        # Interleaved repeats, best of each: the machine's load changes during a run.
+        e2e = with_attributes = ceil = 0.0
+        stored = 0
+        for _ in range(args.repeat):
+            rate, stored = await end_to_end(settings, pool, entries)
+            e2e = max(e2e, rate)
+            rate, _ = await end_to_end(settings, pool, entries, attributes=True)
+            with_attributes = max(with_attributes, rate)
+            ceil = max(ceil, await ceiling(pool, records, settings.batch_max_size))
         naive_rate = await naive(settings, pool, entries[: args.naive])
         rows = [
             ["end-to-end (stream → commit → XACK)", e2e, stored],
@@ -331,6 +340,7 @@ def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--naive", type=int, default=5_000, help="entries for the naive consumer")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs, best kept")
     parser.add_argument("--paced", type=int, default=20, help="seconds at 5,000/s (0: skip)")
     parser.add_argument("--no-rss", dest="rss", action="store_false")
     return parser.parse_args()

@@ -149,3 +149,15 @@ async def clean_db(migrated_database: str) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+RACE_TABLES = (
+    "timing_records", "penalties", "stage_results", "anomalies", "start_times", "entries",
+    "geofences", "stages", "events", "devices",
+)  # fmt: skip
+
+
+async def reset_race_data(conn: asyncpg.Connection) -> None:
+    """Empty the race and device collections (IO mappings and models stay): for tests that
+    count what is in them, since the session database is shared between tests."""
+    await conn.execute("TRUNCATE " + ", ".join(RACE_TABLES) + " CASCADE")

@@ -16,6 +16,8 @@ import pytest
 from processor.adapters.mappings import MappingCache
 from processor.tools.backfill import Backfill, BackfillError, BackfillSpec
 
+from ..conftest import reset_race_data
+
 pytestmark = pytest.mark.integration
 
 IMEI_A = 356307042441013  # FMB920
@@ -37,6 +39,7 @@ async def db(clean_db: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
     is shared with other tests.
     """
     conn = clean_db
+    await reset_race_data(conn)
     await conn.execute("TRUNCATE processor.backfill_progress")
     for imei, model in ((IMEI_A, "FMB920"), (IMEI_B, "FMC130")):
         await conn.execute(

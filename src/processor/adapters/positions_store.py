@@ -57,8 +57,8 @@ SELECT device_id, timestamptz 'epoch' + ts * interval '1 millisecond',
        stream_id
 FROM positions_stage
 ON CONFLICT DO NOTHING
-RETURNING device_id, (extract(epoch FROM ts) * 1000)::bigint
 """
+_RETURNING = "RETURNING device_id, (extract(epoch FROM ts) * 1000)::bigint"
 
 _MOVE_ATTRIBUTES = """
 INSERT INTO position_attributes (device_id, ts, attributes, mapping_version)
@@ -151,11 +151,14 @@ class PositionsStore:
         if not self.native:
             self._partitions = None
 
-    async def write(self, records: Sequence[Record]) -> list[Record]:
-        """Store a batch idempotently in one transaction; return the rows new to the table."""
+    async def write(self, records: Sequence[Record]) -> int:
+        """Store a batch idempotently in one transaction; return how many rows were new.
+
+        Attributes are decoded for the new rows only, in the same transaction.
+        """
         unique = dedupe(records)
         if not unique:
-            return []
+            return 0
         async with self._pool.acquire() as conn:
             if self._partitions is not None:
                 await self._partitions.ensure_for(conn, [r.ts for r in unique])
@@ -163,12 +166,15 @@ class PositionsStore:
                 await conn.copy_records_to_table(
                     "positions_stage", records=map(stage_row, unique), columns=STAGE_COLUMNS
                 )
-                inserted = await conn.fetch(_MOVE)
+                if self.attributes is None:  # only the count is needed: no rows sent back
+                    status = await conn.execute(_MOVE)
+                    return int(status.rsplit(" ", 1)[1])
+                inserted = await conn.fetch(_MOVE + _RETURNING)
                 keys = {(row[0], row[1]) for row in inserted}
                 new = [r for r in unique if (r.device_id, r.ts) in keys]
-                if self.attributes is not None and new:
+                if new:
                     await self._write_attributes(conn, new)
-        return new
+        return len(new)
 
     async def _write_attributes(self, conn: asyncpg.Connection, new: list[Record]) -> None:
         """Attributes of the positions new in this transaction, COPYed straight in.

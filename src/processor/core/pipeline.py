@@ -43,9 +43,9 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    """Where records go; returns the records that were new (not stored before)."""
+    """Where records go; returns how many were new (not stored before)."""
 
-    async def write(self, records: Sequence[Record]) -> list[Record]: ...
+    async def write(self, records: Sequence[Record]) -> int: ...
 
 
 # Post-commit work (the domain, ...): called with every record stored by the batch.
@@ -198,9 +198,9 @@ class Pipeline:
         for name, hook in self.hooks:
             await self._run_hook(name, hook, stored)
         await self._with_retry("redis", lambda: self.source.settle(batch.ids, batch.dead))
-        self._account(batch, new, self.clock() - started)
+        self._account(batch, new, stored, self.clock() - started)
 
-    async def _store(self, batch: Batch) -> list[Record]:
+    async def _store(self, batch: Batch) -> int:
         try:
             return await self._with_retry("postgres", lambda: self.sink.write(batch.records))
         except Exception as exc:
@@ -209,12 +209,12 @@ class Pipeline:
             log.error("batch rejected by storage, isolating", error=repr(exc))
             return await self._store_one_by_one(batch)
 
-    async def _store_one_by_one(self, batch: Batch) -> list[Record]:
+    async def _store_one_by_one(self, batch: Batch) -> int:
         """A batch the database refuses: store what it accepts, dead-letter the rest."""
-        new: list[Record] = []
+        new = 0
         for record, fields in zip(batch.records, batch.sources, strict=True):
             try:
-                new.extend(await self._with_retry("postgres", _writer_of(self.sink, record)))
+                new += await self._with_retry("postgres", _writer_of(self.sink, record))
             except Exception as exc:
                 if self.transient(exc):
                     raise
@@ -255,15 +255,15 @@ class Pipeline:
             delay_s=round(delay, 3) if delay is not None else None,
         )
 
-    def _account(self, batch: Batch, new: list[Record], seconds: float) -> None:
-        self.states.observe(new)
+    def _account(self, batch: Batch, new: int, stored: list[Record], seconds: float) -> None:
+        self.states.observe(stored)  # idempotent: newest times, last fix
         self.stats.batches += 1
-        self.stats.stored += len(new)
-        self.stats.duplicates += len(batch.records) - len(new)
+        self.stats.stored += new
+        self.stats.duplicates += len(stored) - new
         self.stats.dead_lettered += len(batch.dead)
         self.stats.last_commit = self.clock()
-        metrics.RECORDS_WRITTEN.inc(len(new))
-        metrics.DUPLICATES.inc(len(batch.records) - len(new))
+        metrics.RECORDS_WRITTEN.inc(new)
+        metrics.DUPLICATES.inc(len(stored) - new)
         for letter in batch.dead:
             metrics.DEAD_LETTERS.labels(letter.reason).inc()
         metrics.BATCH_SIZE.observe(len(batch))
@@ -281,7 +281,7 @@ def _stored(batch: Batch) -> list[Record]:
     return [r for r in batch.records if r.stream_id not in refused]
 
 
-def _writer_of(sink: Sink, record: Record) -> Callable[[], Awaitable[list[Record]]]:
+def _writer_of(sink: Sink, record: Record) -> Callable[[], Awaitable[int]]:
     return lambda: sink.write([record])
 
 

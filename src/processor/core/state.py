@@ -56,7 +56,8 @@ class DeviceStates:
         return self._states.get(device_id)
 
     def observe(self, records: list[Record]) -> None:
-        """Fold committed records into their devices' state."""
+        """Fold committed records into their devices' state (a redelivered record counts
+        again in ``records``; the times and the last fix are unaffected)."""
         for record in records:
             state = self.get(record.device_id)
             state.records += 1
