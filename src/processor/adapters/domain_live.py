@@ -394,7 +394,10 @@ class DomainLive:
             shard = int(stream.decode().rsplit(":", 1)[1])
             received[shard].extend((raw_id, fields.get(b"p", b"[]")) for raw_id, fields in items)
         for shard in owned:
-            if shard in self.pending_phase and not received.get(shard):
+            # Only a read of the pending entries ("0") that found none ends the pending
+            # phase: a shard re-adopted while a ">" read was blocking keeps its flag, or
+            # the entries left pending by the lost lease would never be read again.
+            if streams[shard_stream(self.settings, shard)] == "0" and not received.get(shard):
                 self.pending_phase.discard(shard)
         for shard, items in received.items():
             if shard not in self.runs or not items:
