@@ -56,6 +56,23 @@ async def drained(url: str, settings: Settings) -> bool:
         await client.aclose()
 
 
+async def stream_state(url: str, settings: Settings) -> dict[str, object]:
+    """The groups and non-empty domain streams, for a failure message."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        state: dict[str, object] = {"groups": await client.xinfo_groups(settings.stream)}
+        for shard in range(settings.domain_shards):
+            stream = f"{settings.stream}:domain:{shard}"
+            if await client.xlen(stream):
+                state[stream] = {
+                    "len": await client.xlen(stream),
+                    "groups": await client.xinfo_groups(stream),
+                }
+        return state
+    finally:
+        await client.aclose()
+
+
 async def test_a_race_through_restarts_of_both_servers_equals_the_offline_replay(
     fault_settings: Settings,
     fault_db: str,
@@ -98,7 +115,9 @@ async def test_a_race_through_restarts_of_both_servers_equals_the_offline_replay
         deadline = time.monotonic() + 90
         while not await drained(private_redis.url, fault_settings):
             assert service.process.poll() is None, service.output()[-3000:]
-            assert time.monotonic() < deadline, "not drained: " + service.output()[-3000:]
+            if time.monotonic() > deadline:
+                state = await stream_state(private_redis.url, fault_settings)
+                raise AssertionError(f"not drained: {state}\n" + service.output()[-3000:])
             await asyncio.sleep(0.5)
         await asyncio.sleep(3)  # a last tick
         assert await service.stop() == 0, service.output()[-3000:]
