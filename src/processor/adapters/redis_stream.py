@@ -47,11 +47,14 @@ for _ = 1, ndead do
   end
   i = i + 5
 end
+-- The ids to acknowledge come as one space-separated argument: packing thousands of
+-- separate arguments costs the client far more than splitting them here.
+local ids = {}
+for id in string.gmatch(ARGV[i] or '', '%S+') do ids[#ids + 1] = id end
 local acked = 0
-while i <= #ARGV do
-  local last = math.min(i + 999, #ARGV)
-  acked = acked + redis.call('XACK', KEYS[1], group, unpack(ARGV, i, last))
-  i = last + 1
+for first = 1, #ids, 1000 do
+  local last = math.min(first + 999, #ids)
+  acked = acked + redis.call('XACK', KEYS[1], group, unpack(ids, first, last))
 end
 return acked
 """
@@ -211,7 +214,7 @@ class StreamSource:
             args.extend(
                 [letter.source_id, fields["reason"], fields["detail"], fields["fields"], now_ms]
             )
-        args.extend(ids)
+        args.append(" ".join(ids))
         await self._settle(keys=[self.stream, self.dead_letter_stream], args=args)
 
     async def pending_count(self) -> int:

@@ -58,12 +58,20 @@ class DeviceStates:
     def observe(self, records: list[Record]) -> None:
         """Fold committed records into their devices' state (a redelivered record counts
         again in ``records``; the times and the last fix are unaffected)."""
+        states = self._states
         for record in records:
-            state = self.get(record.device_id)
+            state = states.get(record.device_id)
+            if state is None:
+                state = self.get(record.device_id)
+            else:
+                states.move_to_end(record.device_id)
             state.records += 1
-            state.last_ts = max(state.last_ts, record.ts)
-            state.last_received_at = max(state.last_received_at, record.received_at)
-            if record.sat > 0 and record.ts >= state.last_fix_ts:
-                state.last_fix_ts = record.ts
+            ts = record.ts
+            if ts > state.last_ts:  # noqa: PLR1730 - cheaper than max() on the hot path
+                state.last_ts = ts
+            if record.received_at > state.last_received_at:  # noqa: PLR1730 - hot path
+                state.last_received_at = record.received_at
+            if record.sat > 0 and ts >= state.last_fix_ts:
+                state.last_fix_ts = ts
                 state.last_lat = record.lat
                 state.last_lon = record.lon
