@@ -9,7 +9,6 @@ were really new come back to the caller for attributes, the domain and metrics.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -107,16 +106,6 @@ def stage_row(record: Record) -> tuple[Any, ...]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """A batch ready to write: its unique records, their staging rows and, when attributes
-    are on, their attribute rows keyed by (device_id, ts)."""
-
-    unique: list[Record]
-    rows: list[tuple[Any, ...]]
-    attributes: dict[tuple[int, int], AttributeRow] | None
-
-
 def _attribute_row(row: AttributeRow) -> tuple[int, datetime, bytes, int]:
     return row[0], EPOCH + timedelta(milliseconds=row[1]), row[2], row[3]
 
@@ -162,47 +151,42 @@ class PositionsStore:
         if not self.native:
             self._partitions = None
 
-    def prepare(self, records: Sequence[Record]) -> Prepared:
-        """The rows to COPY, built ahead (the pipeline calls this while the previous batch
-        is in the database, so building rows overlaps with writing them)."""
-        unique = dedupe(records)
-        rows = [stage_row(r) for r in unique]
-        attributes = None
-        if self.attributes is not None:
-            attributes = {(r[0], r[1]): r for r in self.attributes(unique)}
-        return Prepared(unique, rows, attributes)
-
-    async def write(self, records: Sequence[Record], prepared: Prepared | None = None) -> int:
+    async def write(self, records: Sequence[Record]) -> int:
         """Store a batch idempotently in one transaction; return how many rows were new.
 
-        Attributes are written for the new rows only, in the same transaction.
+        Attributes are decoded for the new rows only, in the same transaction.
         """
-        batch = prepared if prepared is not None else self.prepare(records)
-        if not batch.unique:
+        unique = dedupe(records)
+        if not unique:
             return 0
         async with self._pool.acquire() as conn:
             if self._partitions is not None:
-                await self._partitions.ensure_for(conn, [r.ts for r in batch.unique])
+                await self._partitions.ensure_for(conn, [r.ts for r in unique])
             async with conn.transaction():
                 await conn.copy_records_to_table(
-                    "positions_stage", records=batch.rows, columns=STAGE_COLUMNS
+                    "positions_stage", records=map(stage_row, unique), columns=STAGE_COLUMNS
                 )
-                if batch.attributes is None:  # only the count is needed: no rows sent back
+                if self.attributes is None:  # only the count is needed: no rows sent back
                     status = await conn.execute(_MOVE)
                     return int(status.rsplit(" ", 1)[1])
                 inserted = await conn.fetch(_MOVE + _RETURNING)
-                new = [batch.attributes[(row[0], row[1])] for row in inserted]
+                keys = {(row[0], row[1]) for row in inserted}
+                new = [r for r in unique if (r.device_id, r.ts) in keys]
                 if new:
                     await self._write_attributes(conn, new)
         return len(new)
 
-    async def _write_attributes(self, conn: asyncpg.Connection, rows: list[AttributeRow]) -> None:
+    async def _write_attributes(self, conn: asyncpg.Connection, new: list[Record]) -> None:
         """Attributes of the positions new in this transaction, COPYed straight in.
 
         A position new to the table has no attributes row yet (both are written in one
         transaction), so a plain COPY suffices; should one exist all the same (rows left
         by hand), the savepoint rolls back and the batch is upserted through staging.
         """
+        assert self.attributes is not None
+        rows = self.attributes(new)
+        if not rows:
+            return
         try:
             async with conn.transaction():
                 await conn.copy_records_to_table(

@@ -6,7 +6,6 @@ The caller owns the clock (``now`` in seconds, monotonic) and does the I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from processor.core.deadletter import DeadLetter, Fields
 from processor.core.records import Record
@@ -20,7 +19,6 @@ class Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     sources: list[Fields] = field(default_factory=list)  # the entry fields of each record
-    prepared: Any = None  # what the sink built ahead for this batch (Sink.prepare)
     opened_at: float = 0.0
 
     def __len__(self) -> int:

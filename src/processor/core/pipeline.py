@@ -14,7 +14,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from processor.core import metrics
 from processor.core.batcher import Batch, Batcher
@@ -43,16 +43,9 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    """Where records go.
+    """Where records go; returns how many were new (not stored before)."""
 
-    ``prepare`` builds what a write needs from a batch (pure CPU work, done while the
-    previous batch is being written); ``write`` stores it and returns how many records
-    were new (not stored before).
-    """
-
-    def prepare(self, records: Sequence[Record]) -> Any: ...
-
-    async def write(self, records: Sequence[Record], prepared: Any = None) -> int: ...
+    async def write(self, records: Sequence[Record]) -> int: ...
 
 
 # Post-commit work (the domain, ...): called with every record stored by the batch.
@@ -185,7 +178,6 @@ class Pipeline:
 
     async def _put(self, batch: Batch | None) -> None:
         if batch is not None:
-            batch.prepared = self.sink.prepare(batch.records)
             await self._queue.put(batch)
             metrics.QUEUE_BATCHES.set(self._queue.qsize())
 
@@ -210,9 +202,7 @@ class Pipeline:
 
     async def _store(self, batch: Batch) -> int:
         try:
-            return await self._with_retry(
-                "postgres", lambda: self.sink.write(batch.records, batch.prepared)
-            )
+            return await self._with_retry("postgres", lambda: self.sink.write(batch.records))
         except Exception as exc:
             if self.transient(exc) or len(batch.records) == 0:
                 raise
