@@ -318,16 +318,17 @@ async def sync_unit(
         elif not _same(table, current, row):
             if write:
                 await conn.execute(table.update(), current["id"], *table.values(row))
-            changes.append(Change(table.name, "updated", row, _plain_row(table, current)))
+            changes.append(Change(table.name, "updated", row, plain_row(table, current)))
     for key, current in stored.items():
         if key not in seen:
             if write:
                 await conn.execute(f"DELETE FROM {table.name} WHERE id = $1", current["id"])
-            changes.append(Change(table.name, "deleted", _plain_row(table, current)))
+            changes.append(Change(table.name, "deleted", plain_row(table, current)))
     return changes
 
 
-def _plain_row(table: Table, record: Mapping[str, Any]) -> Row:
+def plain_row(table: Table, record: Mapping[str, Any]) -> Row:
+    """A stored row of ``table`` as the sync compares it (JSON columns decoded)."""
     row = {c: record[c] for c in table.columns}
     for column in table.json_columns:
         if isinstance(row[column], bytes | str):

@@ -357,7 +357,7 @@ async def _sync_anomalies(
         return await store.sync_entry_anomalies(conn, result, event_id, entry_id, write=write)
     scope = {"event": event_id, "entry": entry_id}
     kept = [
-        _plain(store.ANOMALIES, r)
+        store.plain_row(store.ANOMALIES, r)
         for r in await conn.fetch(store.ANOMALIES.select(list(scope)), *scope.values())
         if not selection.anomaly_in(r["started_at"])
     ]
@@ -367,14 +367,6 @@ async def _sync_anomalies(
         if selection.anomaly_in(row["started_at"])
     ]
     return await store.sync_unit(conn, store.ANOMALIES, scope, [*wanted, *kept], write=write)
-
-
-def _plain(table: store.Table, record: Mapping[str, Any]) -> Row:
-    row = {c: record[c] for c in table.columns}
-    for column in table.json_columns:
-        if isinstance(row[column], bytes | str):
-            row[column] = orjson.loads(row[column])
-    return row
 
 
 async def _write(
