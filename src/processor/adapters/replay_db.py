@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from processor.adapters.reference import EventNotFoundError
 from processor.domain.engine import DomainResult, evaluate
 from processor.domain.model import Course, CourseError, Entry, Id, Stage
 from processor.domain.timeutil import format_ms
-from processor.tools.replay_cli import ReplayInputError, load_course
+from processor.tools.replay_cli import ReplayInputError, emit, load_course
 
 T = TypeVar("T")
 
@@ -547,7 +546,7 @@ def replay_from_database(options: dict[str, Any]) -> int:
     report = _run(settings.database_dsn(), lambda conn: replay_event(conn, request, now_ms, layout))
     as_json = _output_format(options) == "json"
     data = to_json(report) if as_json else to_text(report).encode("utf-8")
-    _emit(data, options.get("output_path"))
+    emit(data, options.get("output_path"))
     if report.written:
         return EXIT_SAME
     return EXIT_DIFFERENT if report.differs else EXIT_SAME
@@ -583,17 +582,6 @@ def _run(dsn: str, action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         click.echo(f"Error: database: {type(exc).__name__}: {exc}", err=True)
         raise SystemExit(EXIT_DATABASE) from exc
-
-
-def _emit(data: bytes, path: Path | None) -> None:
-    if path is None:
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    try:
-        path.write_bytes(data)
-    except OSError as exc:
-        raise ReplayInputError(f"{path}: cannot write: {exc.strerror}") from exc
 
 
 __all__: Sequence[str] = (

@@ -143,7 +143,7 @@ def replay(**options: Any) -> None:
     course = load_course(options["course_path"])
     positions = load_positions(options["positions_path"])
     data = render(evaluate(course, positions, options["now_ms"]), options["output_format"])
-    _emit(data, options["output_path"])
+    emit(data, options["output_path"])
 
 
 _DATABASE_FLAGS: Final = (
@@ -155,7 +155,8 @@ _DATABASE_FLAGS: Final = (
 )
 
 
-def _emit(data: bytes, path: Path | None) -> None:
+def emit(data: bytes, path: Path | None) -> None:
+    """Write the output to ``path``, or to stdout when it is None."""
     if path is None:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
