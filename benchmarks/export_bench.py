@@ -29,12 +29,13 @@ import redis
 
 from benchmarks.common import make_entries, print_table
 from processor.core.contract import decode_entry
+from processor.core.jsonenc import io_json
 from processor.core.records import Record
 from processor.logs import configure_logging
 from processor.settings import Settings, load_settings
 from processor.tools.export import run_export, tune_gc
 from processor.tools.export_files import Dataset
-from processor.tools.export_schema import SCHEMA, io_json, records_to_batch, split_by_day
+from processor.tools.export_schema import SCHEMA, records_to_batch, split_by_day
 
 TARGET_RATE = 100_000
 TARGET_RATIO = 0.5

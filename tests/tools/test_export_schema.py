@@ -9,15 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from processor.core.contract import decode_entry
+from processor.core.jsonenc import io_json
 from processor.core.records import Record
-from processor.tools.export_schema import (
-    DAY_MS,
-    SCHEMA,
-    day_label,
-    io_json,
-    records_to_batch,
-    split_by_day,
-)
+from processor.tools.export_schema import DAY_MS, SCHEMA, day_label, records_to_batch, split_by_day
 
 from .test_export_helpers import BASE_TS, entry
 
@@ -36,6 +30,7 @@ def record(n: int, ts: int = BASE_TS) -> Record:
         ({78: 2**64 - 1}, '{"78":18446744073709551615}'),
         ({78: 2**53 + 1}, '{"78":9007199254740993}'),
         ({256: b"WVW\x00\xff"}, '{"256":"57565700ff"}'),
+        ({1: 5, 256: b"", 257: b"\x01"}, '{"1":5,"256":"","257":"01"}'),
     ],
 )
 def test_io_json_keeps_integers_exact_and_bytes_as_hex(
@@ -47,6 +42,16 @@ def test_io_json_keeps_integers_exact_and_bytes_as_hex(
 @given(st.dictionaries(st.integers(0, 65_535), st.integers(0, 2**64 - 1), max_size=20))
 def test_io_json_round_trips_any_unsigned_64_bit_map(io: dict[int, int]) -> None:
     assert {int(k): v for k, v in orjson.loads(io_json(io)).items()} == io
+
+
+@given(
+    st.dictionaries(
+        st.integers(0, 65_535), st.integers(0, 2**64 - 1) | st.binary(max_size=40), max_size=20
+    )
+)
+def test_io_json_writes_bytes_as_hex_among_numbers(io: dict[int, int | bytes]) -> None:
+    expected = {str(k): v.hex() if isinstance(v, bytes) else v for k, v in io.items()}
+    assert orjson.loads(io_json(io)) == expected
 
 
 def test_batch_columns_match_the_record_fields_by_name() -> None:

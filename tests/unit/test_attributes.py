@@ -16,6 +16,7 @@ from processor.core.attributes import (
     decode_attributes,
     parse_values,
 )
+from processor.core.jsonenc import attributes_json
 
 CSV = Path(__file__).resolve().parents[2] / "data" / "io-elements-fmb.csv"
 
@@ -73,7 +74,15 @@ def test_dallas_temperature_scales_by_a_tenth_and_names_error_codes(
 def test_64_bit_iccid_stays_an_exact_integer_through_json(fmb: ModelMapping, iccid: int) -> None:
     decoded = decode_attributes({11: iccid, 14: iccid}, fmb)
     assert decoded == {"iccid1": iccid, "iccid2": iccid}
-    assert orjson.loads(orjson.dumps(decoded))["iccid1"] == iccid
+    assert orjson.loads(attributes_json(decoded))["iccid1"] == iccid
+
+
+def test_integer_scaled_beyond_64_bits_is_kept_exact_as_text() -> None:
+    mapping = ModelMapping.build("X", [IoElement(900, "energy_mwh", size=8, multiplier=1000)])
+    decoded = decode_attributes({900: 2**64 - 1, 901: 7}, mapping)
+    assert decoded == {"energy_mwh": str((2**64 - 1) * 1000), "901": 7}
+    assert orjson.loads(attributes_json(decoded)) == decoded
+    assert decode_attributes({900: 5}, mapping) == {"energy_mwh": 5000}
 
 
 def test_vin_variable_bytes_decode_as_ascii(fmb: ModelMapping) -> None:
@@ -137,7 +146,9 @@ def test_offset_applies_after_the_multiplier() -> None:
 
 def test_integral_multiplier_and_offset_keep_integers_exact() -> None:
     mapping = ModelMapping.build("X", [IoElement(1, "big", 8, multiplier=10, offset=1)])
-    assert decode_attributes({1: 2**63}, mapping) == {"big": 2**63 * 10 + 1}
+    assert decode_attributes({1: 2**59}, mapping) == {"big": 2**59 * 10 + 1}
+    # Beyond 64 bits the exact value is kept as decimal text (JSON readers would round it).
+    assert decode_attributes({1: 2**63}, mapping) == {"big": str(2**63 * 10 + 1)}
 
 
 def test_numeric_element_receiving_bytes_is_shown_as_hex(fmb: ModelMapping) -> None:

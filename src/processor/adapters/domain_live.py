@@ -32,7 +32,7 @@ from processor.adapters import domain_store as store
 from processor.adapters.domain_store import Change, LeaseLostError
 from processor.adapters.leases import Leases
 from processor.adapters.live_views import LiveViews
-from processor.adapters.positions_store import io_json
+from processor.core.jsonenc import io_json
 from processor.core.records import Record
 from processor.core.sharding import shard_of
 from processor.domain.engine import LiveEngine

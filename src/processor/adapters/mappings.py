@@ -22,6 +22,7 @@ from prometheus_client import Counter
 
 from processor.adapters.positions_store import AttributeRow
 from processor.core.attributes import IoElement, ModelMapping, decode_attributes
+from processor.core.jsonenc import attributes_json
 from processor.core.records import Record
 from processor.logs import get_logger
 from processor.settings import Settings
@@ -203,22 +204,6 @@ def _element(row: Mapping[str, object]) -> IoElement:
         unit=None if row["unit"] is None else str(row["unit"]),
         values=None if values is None else orjson.loads(str(values)),
     )
-
-
-def attributes_json(attributes: Mapping[str, object]) -> bytes:
-    """The attributes as JSON; integers beyond 64 bits (a scaled u64) become strings."""
-    try:
-        return orjson.dumps(attributes)
-    except TypeError:
-        safe = {
-            k: str(v) if isinstance(v, int) and not _json_int(v) else v
-            for k, v in attributes.items()
-        }
-        return orjson.dumps(safe)
-
-
-def _json_int(value: int) -> bool:
-    return -(2**63) <= value < 2**64
 
 
 async def install(runtime: Runtime) -> None:

@@ -16,6 +16,7 @@ import asyncpg
 import orjson
 
 from processor.adapters.partitions import PartitionManager
+from processor.core.jsonenc import io_json
 from processor.core.records import Record
 from processor.settings import Settings
 
@@ -72,17 +73,6 @@ SET attributes = EXCLUDED.attributes, mapping_version = EXCLUDED.mapping_version
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 AttributeRow = tuple[int, int, bytes, int]  # device_id, ts ms, attributes JSON, mapping version
 AttributeFn = Callable[[Sequence[Record]], Sequence[AttributeRow]]
-
-
-def _io_default(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    raise TypeError(f"cannot store {type(value).__name__} in io")
-
-
-def io_json(io: dict[int, int | bytes]) -> bytes:
-    """The io column: ids as keys, integers exact, variable-length values as hex."""
-    return orjson.dumps(io, default=_io_default, option=orjson.OPT_NON_STR_KEYS)
 
 
 def stage_row(record: Record) -> tuple[Any, ...]:

@@ -10,7 +10,8 @@ so decoding a record is one dictionary walk. The rules (docs/directus.md):
   integral (64-bit ICCIDs stay exact), else a float rounded to the multiplier's decimals;
 - ``values = "ascii"`` decodes text (VIN), ``values = "hex"`` gives lowercase hex, and raw
   bytes arriving for a numeric element are hex as well;
-- IO ids the mapping does not know are kept raw under their id (bytes as hex).
+- IO ids the mapping does not know are kept raw under their id (bytes as hex);
+- a scaled integer beyond 64 bits becomes its decimal text (JSON readers would round it).
 """
 
 from __future__ import annotations
@@ -217,18 +218,23 @@ def _number_decoder(element: IoElement) -> Decoder | None:
 
 def _scaler(
     multiplier: float | Decimal, offset: float | Decimal
-) -> Callable[[int], int | float] | None:
+) -> Callable[[int], Attribute] | None:
     m, o = Decimal(str(multiplier)), Decimal(str(offset))
     if m == 1 and o == 0:
         return None
     if m == m.to_integral_value() and o == o.to_integral_value():
         im, io = int(m), int(o)
-        return lambda value: value * im + io
+        return lambda value: _json_int(value * im + io)
     # Round to the decimals the multiplier and offset carry, so 12850 × 0.001 is 12.85,
     # not 12.850000000000001; the float product is within one ulp of the exact value.
     places = max(-_exponent(m), -_exponent(o), 0)
     fm, fo = float(m), float(o)
     return lambda value: round(value * fm + fo, places)
+
+
+def _json_int(value: int) -> int | str:
+    """An integer JSON readers take exactly, or its decimal text beyond 64 bits."""
+    return value if -(2**63) <= value < 2**64 else str(value)
 
 
 def _exponent(number: Decimal) -> int:

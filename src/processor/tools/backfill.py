@@ -25,8 +25,9 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
-from processor.adapters.mappings import MappingCache, attributes_json
+from processor.adapters.mappings import MappingCache
 from processor.core.attributes import ModelMapping, decode_attributes
+from processor.core.jsonenc import attributes_json
 from processor.core.records import IoValue
 
 DEFAULT_CHUNK: Final = 20_000

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from operator import attrgetter
-from typing import Any, Final
+from typing import Final
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from processor.core.records import IoValue, Record
+from processor.core.jsonenc import io_json
+from processor.core.records import Record
 
 DAY_MS: Final = 86_400_000
 
@@ -48,21 +48,6 @@ _SCALAR_COLUMNS: Final = tuple(
     (field.name, attrgetter(field.name), field.type) for field in SCHEMA if field.name != "io"
 )
 _get_io: Final = attrgetter("io")
-
-
-def _io_default(value: Any) -> str:
-    """JSON form of what orjson cannot encode itself: IO bytes become hex text."""
-    if isinstance(value, bytes):
-        return value.hex()
-    raise TypeError(f"unexpected IO value of type {type(value).__name__}")
-
-
-_IO_OPTIONS: Final = orjson.OPT_NON_STR_KEYS
-
-
-def io_json(io: dict[int, IoValue]) -> bytes:
-    """The IO map as JSON text: ``{"78": 18446744073709551615, "256": "5756..."}``."""
-    return orjson.dumps(io, default=_io_default, option=_IO_OPTIONS)
 
 
 def records_to_batch(records: Sequence[Record]) -> pa.RecordBatch:
