@@ -66,6 +66,7 @@ def pipeline_config(settings: Settings) -> PipelineConfig:
         batch_max_size=settings.batch_max_size,
         batch_max_age_s=settings.batch_max_age_ms / 1000,
         queue_max_batches=settings.queue_max_batches,
+        write_concurrency=settings.write_concurrency,
         max_entry_bytes=settings.max_entry_bytes,
         max_io_elements=settings.max_io_elements,
         retry_initial_s=settings.retry_initial_s,

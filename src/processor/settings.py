@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     batch_max_size: PositiveInt = 5_000
     batch_max_age_ms: PositiveInt = 100
     queue_max_batches: PositiveInt = 2
+    write_concurrency: PositiveInt = 2
     state_capacity: PositiveInt = 100_000
     retry_initial_s: PositiveFloat = 0.2
     retry_max_s: PositiveFloat = 10.0
@@ -134,6 +135,7 @@ class Settings(BaseSettings):
     export_max_rows: PositiveInt = 100_000
     export_max_age_s: PositiveFloat = 60.0
     export_workers: NonNegativeInt = 0
+    export_read_count: PositiveInt = 10_000
 
     @field_validator("gateway_allowed_origins", mode="before")
     @classmethod

@@ -1,15 +1,17 @@
 """The idempotent batch writer of positions (and their attributes) into PostgreSQL.
 
 A batch is COPYed (binary) into a per-connection temporary staging table and moved with
-``INSERT … SELECT … ON CONFLICT DO NOTHING RETURNING`` in one transaction, so any entry
-may be delivered any number of times and the table ends the same (rule 3). The rows that
-were really new come back to the caller for attributes, the domain and metrics.
+``INSERT … SELECT … ON CONFLICT DO NOTHING`` in one transaction, so any entry may be
+delivered any number of times and the table ends the same (rule 3). With attribute
+decoding on, the decoded attributes travel in the same staging rows and a second
+statement of the same transaction stores them: nothing comes back to the client. Rows
+go in (device_id, ts) order, so batches written at once by concurrent transactions take
+their row locks in one order and cannot deadlock on a key they share.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -36,16 +38,16 @@ STAGE_COLUMNS = (
     "generation",
     "io",
     "stream_id",
+    "attributes",
+    "mapping_version",
 )
 
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS positions_stage (
     device_id bigint, ts bigint, received_at bigint, lat float8, lon float8, alt integer,
     angle smallint, satellites smallint, speed integer, priority smallint, event_io integer,
-    codec smallint, generation smallint, io jsonb, stream_id text
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS attributes_stage (
-    device_id bigint, ts bigint, attributes jsonb, mapping_version integer
+    codec smallint, generation smallint, io jsonb, stream_id text, attributes jsonb,
+    mapping_version integer
 ) ON COMMIT DELETE ROWS;
 """
 
@@ -57,26 +59,29 @@ SELECT device_id, timestamptz 'epoch' + ts * interval '1 millisecond',
        lat, lon, alt, angle, satellites, speed, priority, event_io, codec, generation, io,
        stream_id
 FROM positions_stage
+ORDER BY device_id, ts
 ON CONFLICT DO NOTHING
 """
-_RETURNING = "RETURNING device_id, (extract(epoch FROM ts) * 1000)::bigint"
-
+# The attributes of every staged position. Only positions new to the table lack an
+# attributes row (both are written in one transaction), so DO NOTHING leaves a redelivered
+# position's attributes as first stored, and fills them in for a position stored while
+# attribute decoding was off.
 _MOVE_ATTRIBUTES = """
 INSERT INTO position_attributes (device_id, ts, attributes, mapping_version)
 SELECT device_id, timestamptz 'epoch' + ts * interval '1 millisecond', attributes,
        mapping_version
-FROM attributes_stage
-ON CONFLICT (device_id, ts) DO UPDATE
-SET attributes = EXCLUDED.attributes, mapping_version = EXCLUDED.mapping_version
+FROM positions_stage
+ORDER BY device_id, ts
+ON CONFLICT DO NOTHING
 """
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 AttributeRow = tuple[int, int, bytes, int]  # device_id, ts ms, attributes JSON, mapping version
+# One attributes row per record, in the records' order.
 AttributeFn = Callable[[Sequence[Record]], Sequence[AttributeRow]]
 
 
-def stage_row(record: Record) -> tuple[Any, ...]:
-    """One staging row in STAGE_COLUMNS order."""
+def stage_row(record: Record, attributes: AttributeRow | None = None) -> tuple[Any, ...]:
+    """One staging row in STAGE_COLUMNS order (attributes null when not decoded)."""
     return (
         record.device_id,
         record.ts,
@@ -93,11 +98,9 @@ def stage_row(record: Record) -> tuple[Any, ...]:
         record.generation,
         io_json(record.io),
         record.stream_id,
+        None if attributes is None else attributes[2],
+        None if attributes is None else attributes[3],
     )
-
-
-def _attribute_row(row: AttributeRow) -> tuple[int, datetime, bytes, int]:
-    return row[0], EPOCH + timedelta(milliseconds=row[1]), row[2], row[3]
 
 
 def dedupe(records: Sequence[Record]) -> list[Record]:
@@ -144,44 +147,22 @@ class PositionsStore:
     async def write(self, records: Sequence[Record]) -> int:
         """Store a batch idempotently in one transaction; return how many rows were new.
 
-        Attributes are decoded for the new rows only, in the same transaction.
+        Attributes are decoded for the whole batch and stored with the positions.
         """
         unique = dedupe(records)
         if not unique:
             return 0
+        rows = map(stage_row, unique)
+        if self.attributes is not None:
+            rows = map(stage_row, unique, self.attributes(unique))
         async with self._pool.acquire() as conn:
             if self._partitions is not None:
                 await self._partitions.ensure_for(conn, [r.ts for r in unique])
             async with conn.transaction():
                 await conn.copy_records_to_table(
-                    "positions_stage", records=map(stage_row, unique), columns=STAGE_COLUMNS
+                    "positions_stage", records=rows, columns=STAGE_COLUMNS
                 )
-                if self.attributes is None:  # only the count is needed: no rows sent back
-                    status = await conn.execute(_MOVE)
-                    return int(status.rsplit(" ", 1)[1])
-                inserted = await conn.fetch(_MOVE + _RETURNING)
-                keys = {(row[0], row[1]) for row in inserted}
-                new = [r for r in unique if (r.device_id, r.ts) in keys]
-                if new:
-                    await self._write_attributes(conn, new)
-        return len(new)
-
-    async def _write_attributes(self, conn: asyncpg.Connection, new: list[Record]) -> None:
-        """Attributes of the positions new in this transaction, COPYed straight in.
-
-        A position new to the table has no attributes row yet (both are written in one
-        transaction), so a plain COPY suffices; should one exist all the same (rows left
-        by hand), the savepoint rolls back and the batch is upserted through staging.
-        """
-        assert self.attributes is not None
-        rows = self.attributes(new)
-        if not rows:
-            return
-        try:
-            async with conn.transaction():
-                await conn.copy_records_to_table(
-                    "position_attributes", records=map(_attribute_row, rows)
-                )
-        except asyncpg.UniqueViolationError:
-            await conn.copy_records_to_table("attributes_stage", records=rows)
-            await conn.execute(_MOVE_ATTRIBUTES)
+                status = await conn.execute(_MOVE)
+                if self.attributes is not None:
+                    await conn.execute(_MOVE_ATTRIBUTES)
+        return int(status.rsplit(" ", 1)[1])

@@ -1,8 +1,11 @@
 """The throughput pipeline: read → decode → batch → store → post-commit work → acknowledge.
 
 Two tasks joined by a bounded queue: the reader decodes and batches the next entries while
-the writer stores the previous batch, and when the writer falls behind the full queue
-stops the reader (backpressure instead of memory growth, rule 8). An entry is acknowledged
+the writer stores the previous batches, and when the writer falls behind the full queue
+stops the reader (backpressure instead of memory growth, rule 8). The writer keeps up to
+``write_concurrency`` batches in the database at once (one transaction each), so the
+database inserts one batch while this process prepares the next; post-commit work and
+acknowledgement still run batch after batch, in reading order. An entry is acknowledged
 only after everything it produced is committed (rule 4); transient failures are retried
 with backoff without acknowledging, and nothing stops the loop (rule 5).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -59,6 +63,7 @@ class PipelineConfig:
     batch_max_size: int = 5_000
     batch_max_age_s: float = 0.2
     queue_max_batches: int = 2
+    write_concurrency: int = 2
     max_entry_bytes: int = 65_536
     max_io_elements: int = 512
     retry_initial_s: float = 0.2
@@ -184,13 +189,24 @@ class Pipeline:
     # Writing -----------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        while (batch := await self._queue.get()) is not None:
-            metrics.QUEUE_BATCHES.set(self._queue.qsize())
-            await self._commit(batch)
+        writing: deque[tuple[Batch, asyncio.Task[int], float]] = deque()
+        try:
+            while (batch := await self._queue.get()) is not None:
+                metrics.QUEUE_BATCHES.set(self._queue.qsize())
+                store = asyncio.create_task(self._store(batch), name="pipeline-store")
+                writing.append((batch, store, self.clock()))
+                while len(writing) >= self.config.write_concurrency:
+                    await self._commit(*writing.popleft())
+            while writing:
+                await self._commit(*writing.popleft())
+        finally:
+            for _, store, _ in writing:  # only on failure: their entries stay pending
+                store.cancel()
+            await asyncio.gather(*(store for _, store, _ in writing), return_exceptions=True)
 
-    async def _commit(self, batch: Batch) -> None:
-        started = self.clock()
-        new = await self._store(batch)
+    async def _commit(self, batch: Batch, store: asyncio.Task[int], started: float) -> None:
+        """After ``batch`` is stored: post-commit work, then acknowledgement, in batch order."""
+        new = await store
         # Hooks see every stored record of the batch, not only those new to the table: an
         # entry redelivered after a crash between commit and hook must reach them again
         # (they are idempotent, like the domain engine).
