@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from processor.service import serve
+from processor.adapters.errors import is_transient
+from processor.adapters.positions_store import PositionsStore, init_connection
+from processor.adapters.redis_stream import DeadLetter
+from processor.core.pipeline import Pipeline
+from processor.core.records import Record
+from processor.core.state import DeviceStates
+from processor.service import pipeline_config, serve, stream_source
 from processor.settings import Settings
 
 from .pipeline_helpers import MALFORMED, entry, imei, shuffled, stored_keys, xadd_all
@@ -105,3 +112,69 @@ async def test_attributes_are_decoded_with_the_default_model_in_the_same_commit(
     attributes = orjson.loads(rows[0]["attributes"])
     assert attributes["external_voltage"] == 12.85  # IO 66 = 12850 mV, multiplier 0.001
     assert attributes["ignition"] == "on"
+
+
+async def test_batches_in_the_database_at_once_are_handed_on_and_acknowledged_in_order(
+    settings: Settings, clean_db: asyncpg.Connection, aredis: aioredis.Redis
+) -> None:
+    settings = settings.model_copy(
+        update={"batch_max_size": 50, "read_count": 50, "write_concurrency": 3}
+    )
+    await xadd_all(aredis, settings.stream, [entry(1, i) for i in range(200)])
+    pool = await asyncpg.create_pool(
+        settings.database_dsn(), init=init_connection, min_size=1, max_size=4
+    )
+    store = PositionsStore(pool, settings)
+    await store.detect_layout()
+    events: list[str] = []
+
+    class FirstBatchSlow:
+        """The first batch takes longest, so later ones commit before it."""
+
+        async def write(self, records: Sequence[Record]) -> int:
+            n = sum(e.startswith("start") for e in events) + 1
+            events.append(f"start {n}")
+            if n == 1:
+                await asyncio.sleep(0.5)
+            new = await store.write(records)
+            events.append(f"end {n}")
+            return new
+
+    source = stream_source(aredis, settings)
+    await source.ensure_group()
+    settle = source.settle
+    acknowledged: list[str] = []
+    handed_on: list[int] = []
+
+    async def settle_after_commit(ids: Sequence[str], dead: Sequence[DeadLetter]) -> None:
+        committed = await clean_db.fetchval(
+            "SELECT count(*) FROM positions WHERE stream_id = ANY($1::text[])", list(ids)
+        )
+        assert committed == len(ids)  # nothing is acknowledged before its commit
+        acknowledged.append(ids[0])
+        await settle(ids, dead)
+
+    async def hook(records: list[Record]) -> None:
+        handed_on.append(records[0].ts)
+
+    source.settle = settle_after_commit  # type: ignore[method-assign]
+    pipeline = Pipeline(
+        source,
+        FirstBatchSlow(),
+        pipeline_config(settings),
+        states=DeviceStates(100),
+        transient=is_transient,
+        hooks=[("order", hook)],
+    )
+    try:
+        await asyncio.wait_for(pipeline.run(asyncio.Event(), burst=True), timeout=30)
+    finally:
+        await pool.close()
+
+    assert len(events) == 8
+    assert events.index("end 2") < events.index("end 1")  # written during the first
+    assert len(handed_on) == 4
+    assert handed_on == sorted(handed_on)
+    assert acknowledged == sorted(acknowledged, key=lambda sid: tuple(map(int, sid.split("-"))))
+    assert len(await stored_keys(clean_db)) == 200
+    assert (await aredis.xpending(settings.stream, settings.group))["pending"] == 0
