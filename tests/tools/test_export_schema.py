@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 from processor.core.contract import decode_entry
 from processor.core.jsonenc import io_json
 from processor.core.records import Record
-from processor.tools.export_schema import DAY_MS, SCHEMA, day_label, records_to_batch, split_by_day
+from processor.tools.export_schema import (
+    DAY_MS,
+    SCHEMA,
+    day_label,
+    io_column,
+    records_to_batch,
+    split_by_day,
+)
 
 from .test_export_helpers import BASE_TS, entry
 
@@ -52,6 +59,29 @@ def test_io_json_round_trips_any_unsigned_64_bit_map(io: dict[int, int]) -> None
 def test_io_json_writes_bytes_as_hex_among_numbers(io: dict[int, int | bytes]) -> None:
     expected = {str(k): v.hex() if isinstance(v, bytes) else v for k, v in io.items()}
     assert orjson.loads(io_json(io)) == expected
+
+
+@given(
+    st.lists(
+        st.dictionaries(
+            st.integers(0, 65_535),
+            st.integers(0, 2**64 - 1) | st.binary(max_size=40),
+            max_size=20,
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_io_column_holds_exactly_the_io_json_of_each_record(
+    maps: list[dict[int, int | bytes]],
+) -> None:
+    records = [Record(8, 0, 0, 0, 0.0, 0.0, 0, 0, 0, 0, 0, io) for io in maps]
+
+    column = io_column(records)
+
+    assert column.type == pa.string()
+    column.validate(full=True)
+    assert column.to_pylist() == [io_json(io).decode() for io in maps]
 
 
 def test_batch_columns_match_the_record_fields_by_name() -> None:

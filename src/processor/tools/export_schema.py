@@ -3,21 +3,26 @@
 Pure: records in, Arrow tables out. Columns are built from the records a chunk at a
 time (one list per column through an attribute getter, then one ``pa.array`` each), never
 row by row through dicts, because the export runs at stream speed. The raw IO map becomes one JSON
-text per row: IO ids as keys, integers as JSON numbers (64-bit values exact), bytes as
-lowercase hex strings.
+text per row, exactly :func:`processor.core.jsonenc.io_json`: IO ids as keys, integers as
+JSON numbers (64-bit values exact), bytes as lowercase hex strings. The texts are laid
+out as the string column's buffers directly (no conversion of each text by ``pa.array``).
 """
 
 from __future__ import annotations
 
+import binascii
+import re
+from array import array
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from itertools import accumulate
 from operator import attrgetter
 from typing import Final
 
+import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from processor.core.jsonenc import io_json
 from processor.core.records import Record
 
 DAY_MS: Final = 86_400_000
@@ -43,22 +48,52 @@ SCHEMA: Final = pa.schema(
     ]
 )
 
+
+def _build_type(type_: pa.DataType) -> pa.DataType:
+    # Timestamps are built as their int64 milliseconds and viewed as timestamps (no copy).
+    return pa.int64() if pa.types.is_timestamp(type_) else type_
+
+
 # One getter per column, by name: a column list is built with one C-level map per field.
 _SCALAR_COLUMNS: Final = tuple(
-    (field.name, attrgetter(field.name), field.type) for field in SCHEMA if field.name != "io"
+    (field.name, attrgetter(field.name), _build_type(field.type), field.type)
+    for field in SCHEMA
+    if field.name != "io"
 )
 _get_io: Final = attrgetter("io")
+_encode: Final = msgspec.json.Encoder().encode
+_STRING_VALUE: Final = re.compile(rb':"([^"]*)"')  # in an IO map's JSON: a bytes value
 
 
 def records_to_batch(records: Sequence[Record]) -> pa.RecordBatch:
     """One Arrow record batch of ``SCHEMA`` holding ``records`` in order."""
     if not records:
         return _empty_batch()
-    arrays: dict[str, pa.Array] = {
-        name: pa.array(list(map(get, records)), type=type_) for name, get, type_ in _SCALAR_COLUMNS
-    }
-    arrays["io"] = pa.array(list(map(io_json, map(_get_io, records))), type=pa.string())
+    arrays: dict[str, pa.Array] = {}
+    for name, get, build_type, type_ in _SCALAR_COLUMNS:
+        array_ = pa.array(list(map(get, records)), type=build_type)
+        arrays[name] = array_ if build_type is type_ else array_.view(type_)
+    arrays["io"] = io_column(records)
     return pa.RecordBatch.from_arrays([arrays[f.name] for f in SCHEMA], schema=SCHEMA)
+
+
+def io_column(records: Sequence[Record]) -> pa.StringArray:
+    """The ``io`` column: each record's IO map as :func:`~processor.core.jsonenc.io_json`.
+
+    msgspec writes bytes as base64; a string value (``:"``) can only come from bytes, so
+    only texts holding one are rewritten, each such value turned into hex.
+    """
+    texts = list(map(_encode, map(_get_io, records)))
+    data = b"".join(texts)
+    if b':"' in data:
+        texts = [_STRING_VALUE.sub(_hex_value, text) if b':"' in text else text for text in texts]
+        data = b"".join(texts)
+    offsets = array("i", accumulate(map(len, texts), initial=0))  # 32-bit, as pa.string()
+    return pa.StringArray.from_buffers(len(texts), pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _hex_value(match: re.Match[bytes]) -> bytes:
+    return b':"' + binascii.a2b_base64(match[1]).hex().encode("ascii") + b'"'
 
 
 def _empty_batch() -> pa.RecordBatch:
