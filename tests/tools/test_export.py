@@ -154,7 +154,7 @@ async def test_files_roll_over_by_row_count(
     await xadd_all(aredis, settings.stream, entries(1_000))
 
     stats = await run_export(
-        settings_for(settings, export_max_rows=200, read_count=100),
+        settings_for(settings, export_max_rows=200, read_count=100, export_read_count=100),
         tmp_path,
         burst=True,
         handle_signals=False,

@@ -36,6 +36,7 @@ def exporter_env(settings: Settings) -> dict[str, str]:
         PROCESSOR_EXPORT_MAX_ROWS="3000",  # many flushes: many rename-before-ack windows
         PROCESSOR_EXPORT_MAX_AGE_S="1",
         PROCESSOR_READ_COUNT="1000",
+        PROCESSOR_EXPORT_READ_COUNT="1000",  # small reads: the kills land before the end
         PROCESSOR_LOG_LEVEL="info",  # restarts log the files they rewrite
     )
     return env

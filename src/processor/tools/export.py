@@ -48,7 +48,7 @@ from processor.adapters.redis_stream import DeadLetter, Delivery, StreamSource, 
 from processor.core.retry import Backoff
 from processor.logs import get_logger
 from processor.settings import Settings
-from processor.tools.export_decode import ChunkDecoder, Decoded, Entries
+from processor.tools.export_decode import ChunkDecoder, Decoded, Entries, StreamSpec
 from processor.tools.export_files import (
     Dataset,
     DiskFullError,
@@ -60,6 +60,7 @@ from processor.tools.export_schema import SCHEMA, split_by_day
 
 _PHASE_PENDING: Final = "pending"  # Delivery.phase of this consumer's own pending entries
 _PHASE_CLAIM: Final = "claim"
+_PHASE_NEW: Final = "new"
 DISK_RETRY_INITIAL_S: Final = 0.5  # a full disk is freed by an operator: seconds, not ms
 DISK_RETRY_MAX_S: Final = 10.0
 
@@ -99,6 +100,8 @@ class ExportLimits:
     max_age_s: float
     max_entry_bytes: int = 65_536
     max_io_elements: int = 512
+    read_count: int = 10_000  # new entries per read by the decoder (XREADGROUP COUNT)
+    read_block_ms: int = 500  # how long such a read waits for new entries (not in burst)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ExportLimits:
@@ -107,6 +110,8 @@ class ExportLimits:
             max_age_s=settings.export_max_age_s,
             max_entry_bytes=settings.max_entry_bytes,
             max_io_elements=settings.max_io_elements,
+            read_count=settings.export_read_count,
+            read_block_ms=settings.read_block_ms,
         )
 
 
@@ -148,23 +153,38 @@ class Batch:
         self.ids.extend(sid for sid, _ in entries)
         self.ids.extend(letter.source_id for letter in delivery.exhausted)
         self.ids.extend(delivery.vanished)
+        self._add_chunk(decoded)
+        # Each list of a delivery is in stream order, so its head is its lowest id.
+        if delivery.entries:
+            self._track_first(delivery.entries[0][0])
+        if delivery.exhausted:
+            self._track_first(delivery.exhausted[0].source_id)
+        if delivery.vanished:
+            self._track_first(delivery.vanished[0])
+
+    def add_read(self, decoded: Decoded) -> None:
+        """Take in entries the decoder read itself (new entries): ids, rows, rejections."""
+        ids = decoded.id_list()
+        if not ids:
+            return
+        if self.started is None:
+            self.started = time.monotonic()
+        self.dead.extend(
+            DeadLetter.from_rejection(sid, rejection, fields)
+            for (sid, rejection), fields in zip(decoded.rejections, decoded.rejected, strict=True)
+        )
+        self.ids.extend(ids)
+        self._add_chunk(decoded)
+        self._track_first(ids[0])  # read in stream order: the first is the lowest
+
+    def _add_chunk(self, decoded: Decoded) -> None:
         if decoded.chunk is not None:
             self.chunks.append(decoded.chunk)
             self.rows += decoded.rows
-        self._track_first(delivery)
 
-    def _track_first(self, delivery: Delivery) -> None:
-        # Each list of a delivery is in stream order, so its head is its lowest id.
-        heads: list[str] = []
-        if delivery.entries:
-            heads.append(delivery.entries[0][0])
-        if delivery.exhausted:
-            heads.append(delivery.exhausted[0].source_id)
-        if delivery.vanished:
-            heads.append(delivery.vanished[0])
-        for head in heads:
-            if self.first_id is None or id_key(head) < id_key(self.first_id):
-                self.first_id = head
+    def _track_first(self, head: str) -> None:
+        if self.first_id is None or id_key(head) < id_key(self.first_id):
+            self.first_id = head
 
     def empty(self) -> bool:
         """True when nothing was delivered into this batch."""
@@ -189,9 +209,9 @@ def id_key(stream_id: str) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class _Decoding:
-    """A delivery read and handed to the decoder, in reading order."""
+    """A delivery handed to the decoder, or (``delivery`` None) a read by the decoder."""
 
-    delivery: Delivery
+    delivery: Delivery | None
     entries: Entries
     result: asyncio.Future[Decoded]
 
@@ -207,6 +227,7 @@ class Exporter:
         *,
         burst: bool,
         decoder: ChunkDecoder | None = None,
+        claim_every_s: float = 30.0,
     ) -> None:
         self._source = source
         self._dataset = dataset
@@ -219,6 +240,11 @@ class Exporter:
         )
         # Deliveries decoding in workers at once: enough to keep every worker busy.
         self._max_decoding = 2 * self._decoder.workers
+        # While the decoder reads new entries itself, the source is read (idle entries
+        # claimed, see StreamSource.read) this often; reads in flight at once:
+        self._claim_every_s = claim_every_s
+        self._max_reading = max(2, 2 * self._decoder.workers)
+        self._drained = False  # burst: a read by the decoder found no new entry
         self._decoding: deque[_Decoding] = deque()
         self._recovering = True  # own pending entries are re-read first, as one batch
         self._batch = Batch()
@@ -232,7 +258,12 @@ class Exporter:
         self._stop.set()
 
     async def run(self) -> ExportStats:
-        """Export until stopped (or, in burst mode, until the stream is drained)."""
+        """Export until stopped (or, in burst mode, until the stream is drained).
+
+        The source is read first (own pending entries, then idle ones claimed); once it
+        delivers new entries, the decoder reads new entries itself, handing back to the
+        source every ``claim_every_s`` (with no read of the decoder in flight).
+        """
         reading: asyncio.Task[Delivery] | None = self._read_next()
         try:
             while reading is not None:
@@ -240,11 +271,16 @@ class Exporter:
                 if not self.stats.first_read_at:
                     self.stats.first_read_at = time.perf_counter()
                 drained = self._burst and delivery.empty() and delivery.phase != _PHASE_PENDING
+                handover = self._decoder.reads and delivery.phase == _PHASE_NEW and not drained
                 # Read ahead: Redis serves the next delivery while this one is decoded.
-                reading = None if drained or self._stop.is_set() else self._read_next()
+                reading = None if drained or handover or self._stop.is_set() else self._read_next()
                 self._decode(delivery)
                 while len(self._decoding) > self._max_decoding:
                     await self._take_oldest()
+                if handover:
+                    await self._read_in_decoder()
+                    if not (self._drained or self._stop.is_set()):
+                        reading = self._read_next()
             while self._decoding:
                 await self._take_oldest()
             if not self._batch.empty():
@@ -260,6 +296,24 @@ class Exporter:
     def _read_next(self) -> asyncio.Task[Delivery]:
         return asyncio.create_task(self._source.read())
 
+    async def _read_in_decoder(self) -> None:
+        """Let the decoder read new entries until stopped, drained or a claim is due.
+
+        Returns with every read taken in, so no entry of ours is in flight when the
+        source claims idle entries next.
+        """
+        limits = self._limits
+        block_ms = 1 if self._burst else limits.read_block_ms
+        count = min(limits.read_count, limits.max_rows)
+        until = time.monotonic() + self._claim_every_s
+        while not (self._drained or self._stop.is_set()) and time.monotonic() < until:
+            result = self._decoder.read_new(count, block_ms)
+            self._decoding.append(_Decoding(None, (), result))
+            while len(self._decoding) >= self._max_reading:
+                await self._take_oldest()
+        while self._decoding:
+            await self._take_oldest()
+
     def _decode(self, delivery: Delivery) -> None:
         entries: Entries = delivery.entries
         if delivery.phase == _PHASE_CLAIM:  # never take one of our own entries twice
@@ -268,6 +322,7 @@ class Exporter:
         self._decoding.append(_Decoding(delivery, entries, self._decoder.submit(entries)))
 
     def _unacknowledged_ids(self) -> set[str]:
+        # Reads by the decoder are all taken in before the source reads (and claims).
         known = set(self._batch.ids)
         known.update(sid for item in self._decoding for sid, _ in item.entries)
         if self._flushing is not None:
@@ -281,11 +336,16 @@ class Exporter:
             decoded = await item.result
         except BrokenProcessPool as exc:
             raise ExportError("a decode worker process died") from exc
-        if self._recovering and item.delivery.phase != _PHASE_PENDING:
+        phase = _PHASE_NEW if item.delivery is None else item.delivery.phase
+        if self._recovering and phase != _PHASE_PENDING:
             self._recovering = False
             if not self._batch.empty():  # the redone batch: exactly the own pending entries
                 await self._start_flush()
-        self._batch.add(item.delivery, item.entries, decoded)
+        if item.delivery is None:
+            self._drained = self._drained or (self._burst and not decoded.ids)
+            self._batch.add_read(decoded)
+        else:
+            self._batch.add(item.delivery, item.entries, decoded)
         if not self._recovering and self._batch.due(self._limits, time.monotonic()):
             await self._start_flush()
 
@@ -411,9 +471,17 @@ async def run_export(
             await source.ensure_group()
             await discard_uncommitted(client, source, dataset)
             _log().info("export started", stream=settings.stream, consumer=name, out=str(out))
-            with contextlib.closing(_decoder(settings)) as decoder:
+            spec = StreamSpec(settings.redis_dsn(), source.stream, source.group, name)
+            with contextlib.closing(_decoder(settings, spec)) as decoder:
                 await decoder.start()
-                exporter = Exporter(source, dataset, limits, burst=burst, decoder=decoder)
+                exporter = Exporter(
+                    source,
+                    dataset,
+                    limits,
+                    burst=burst,
+                    decoder=decoder,
+                    claim_every_s=claim_idle_ms(settings) / 2000,
+                )
                 with _signals(exporter) if handle_signals else contextlib.nullcontext():
                     stats = await exporter.run()
             _log().info(
@@ -426,11 +494,12 @@ async def run_export(
         await client.aclose()
 
 
-def _decoder(settings: Settings) -> ChunkDecoder:
+def _decoder(settings: Settings, stream: StreamSpec) -> ChunkDecoder:
     return ChunkDecoder(
         workers=settings.export_workers,
         max_entry_bytes=settings.max_entry_bytes,
         max_io_elements=settings.max_io_elements,
+        stream=stream,
     )
 
 

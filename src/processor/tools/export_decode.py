@@ -1,27 +1,36 @@
 """Stream entries to Arrow chunks, in this process or in a pool of worker processes.
 
 Decoding (the contract decoder) and column building are the export's CPU cost; the GIL
-keeps them on one core. With ``workers > 0`` each delivery is decoded in a worker process
-(entries are sent pickled, the Arrow chunk comes back through Arrow IPC) while the main
-process keeps reading, writing and acknowledging. The result is the same either way:
-:func:`decode_chunk` is the one code path, and the exporter consumes results in delivery
-order.
+keeps them on one core. Two ways in:
+
+- :meth:`ChunkDecoder.read_new` (the hot path): the decoder reads the next new entries
+  itself (``XREADGROUP … >`` on a connection of its own, in the exporter's consumer name)
+  and decodes them, so an entry never exists as a Python object in the exporter: what
+  comes back is the Arrow chunk, the ids read (one string) and the rejections. With
+  ``workers > 0`` this runs in worker processes, else in one thread of the exporter.
+- :meth:`ChunkDecoder.submit`: entries the exporter read itself (its own pending entries
+  on start, entries claimed from idle consumers) are sent to be decoded.
+
+The result is the same either way: :func:`decode_entries` is the one code path from
+stream entries to rows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import pyarrow as pa
+import redis
 
 from processor.adapters.redis_stream import Fields
 from processor.core.contract import decode_entry
@@ -33,23 +42,46 @@ Entries = Sequence[tuple[str, Fields]]
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
-    """One delivery decoded: its rows as an Arrow chunk, and its rejections in order."""
+    """Entries decoded: their rows as an Arrow chunk, and their rejections in order.
+
+    ``ids`` and ``rejected`` are filled only when the decoder read the entries itself
+    (:func:`read_new`): every id read, space-separated in stream order, and the fields of
+    each rejected entry (for its dead letter), in the order of ``rejections``.
+    """
 
     chunk: pa.RecordBatch | None = None
     rejections: list[tuple[str, Rejection]] = field(default_factory=list)
+    ids: str = ""
+    rejected: list[Fields] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
         return 0 if self.chunk is None else int(self.chunk.num_rows)
 
+    def id_list(self) -> list[str]:
+        """The ids read by the decoder, in stream order (empty when it read nothing)."""
+        return self.ids.split(" ") if self.ids else []
+
 
 EMPTY: Final = Decoded()
 
 
-def decode_chunk(entries: Entries, max_entry_bytes: int, max_io_elements: int) -> Decoded:
-    """Decode ``entries`` with the contract decoder into one Arrow chunk and rejections."""
+@dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """Where and as whom a decoder reads new entries: Redis URL, stream, group, consumer."""
+
+    url: str
+    stream: str
+    group: str
+    consumer: str
+
+
+def decode_entries(
+    entries: Iterable[tuple[str, Fields]], max_entry_bytes: int, max_io_elements: int
+) -> tuple[list[Record], list[tuple[str, Rejection, Fields]]]:
+    """Decode ``entries`` with the contract decoder: records, and rejections with fields."""
     records: list[Record] = []
-    rejections: list[tuple[str, Rejection]] = []
+    rejections: list[tuple[str, Rejection, Fields]] = []
     for sid, fields in entries:
         decoded = decode_entry(
             sid, fields, max_entry_bytes=max_entry_bytes, max_io_elements=max_io_elements
@@ -57,8 +89,96 @@ def decode_chunk(entries: Entries, max_entry_bytes: int, max_io_elements: int) -
         if type(decoded) is Record:
             records.append(decoded)
         else:
-            rejections.append((sid, decoded))  # type: ignore[arg-type]
-    return Decoded(records_to_batch(records) if records else None, rejections)
+            rejections.append((sid, decoded, fields))  # type: ignore[arg-type]
+    return records, rejections
+
+
+def decode_chunk(entries: Entries, max_entry_bytes: int, max_io_elements: int) -> Decoded:
+    """Decode ``entries`` with the contract decoder into one Arrow chunk and rejections."""
+    records, rejections = decode_entries(entries, max_entry_bytes, max_io_elements)
+    return Decoded(
+        records_to_batch(records) if records else None,
+        [(sid, rejection) for sid, rejection, _ in rejections],
+    )
+
+
+def read_new(
+    spec: StreamSpec, count: int, block_ms: int, max_entry_bytes: int, max_io_elements: int
+) -> Decoded:
+    """Read up to ``count`` new entries (XREADGROUP ``>``) and decode them.
+
+    The entries become pending under ``spec.consumer`` as they are read, exactly as when
+    the exporter reads them: the exporter acknowledges them once their rows are durable.
+    """
+    return _read_with(_client(spec), spec, count, block_ms, max_entry_bytes, max_io_elements)
+
+
+def _read_with(
+    client: redis.Redis,
+    spec: StreamSpec,
+    count: int,
+    block_ms: int,
+    max_entry_bytes: int,
+    max_io_elements: int,
+) -> Decoded:
+    response = client.xreadgroup(
+        spec.group, spec.consumer, {spec.stream: ">"}, count=count, block=block_ms
+    )
+    raw_ids: list[bytes] = []
+    records, rejections = decode_entries(
+        _stream_entries(response, raw_ids), max_entry_bytes, max_io_elements
+    )
+    if not raw_ids:
+        return EMPTY
+    return Decoded(
+        records_to_batch(records) if records else None,
+        [(sid, rejection) for sid, rejection, _ in rejections],
+        ids=b" ".join(raw_ids).decode("ascii"),
+        rejected=[fields for _, _, fields in rejections],
+    )
+
+
+def _stream_entries(response: Any, raw_ids: list[bytes]) -> Iterable[tuple[str, Fields]]:
+    """The entries of a raw XREADGROUP reply (RESP2 or RESP3), ids collected in ``raw_ids``.
+
+    Field lists become the dicts redis-py would build (``dict(zip(it, it))``); the usual
+    ``v, imei, payload`` list is turned into that same dict without the generic pairing.
+    """
+    if not response:
+        return
+    streams = response.values() if isinstance(response, dict) else (s[1] for s in response)
+    for items in streams:
+        for raw_id, flat in items:
+            raw_ids.append(raw_id)
+            if not flat:  # deleted since delivered: acknowledged, nothing to decode
+                continue
+            if len(flat) == 6 and flat[0] == b"v" and flat[2] == b"imei" and flat[4] == b"payload":
+                fields = {b"v": flat[1], b"imei": flat[3], b"payload": flat[5]}
+            else:
+                it = iter(flat)
+                fields = dict(zip(it, it, strict=False))
+            yield raw_id.decode("ascii"), fields
+
+
+_clients: dict[StreamSpec, redis.Redis] = {}  # a worker process's connections
+
+
+def _client(spec: StreamSpec) -> redis.Redis:
+    client = _clients.get(spec)
+    if client is None:
+        client = _clients[spec] = _raw_client(spec)
+    return client
+
+
+def _raw_client(spec: StreamSpec) -> redis.Redis:
+    """A connection whose XREADGROUP replies are left as parsed (no field dicts built)."""
+    client = redis.Redis.from_url(spec.url)
+    client.set_response_callback("XREADGROUP", _raw)
+    return client
+
+
+def _raw(response: Any, **_options: Any) -> Any:
+    return response
 
 
 def _ready() -> int:
@@ -71,6 +191,9 @@ def _init_worker(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    # Like the exporter (export.tune_gc): many short-lived acyclic objects per entry.
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -82,10 +205,19 @@ def _exit_with_parent(parent: int) -> None:
 class ChunkDecoder:
     """Decodes deliveries in this process (``workers == 0``) or in worker processes."""
 
-    def __init__(self, *, workers: int, max_entry_bytes: int, max_io_elements: int) -> None:
+    def __init__(
+        self,
+        *,
+        workers: int,
+        max_entry_bytes: int,
+        max_io_elements: int,
+        stream: StreamSpec | None = None,
+    ) -> None:
         self.workers = workers
         self._limits = (max_entry_bytes, max_io_elements)
-        self._pool: ProcessPoolExecutor | None = None
+        self._stream = stream
+        self._pool: Executor | None = None
+        self._client: redis.Redis | None = None  # the reading thread's (workers == 0)
         if workers:
             self._pool = ProcessPoolExecutor(
                 workers,
@@ -93,20 +225,40 @@ class ChunkDecoder:
                 initializer=_init_worker,
                 initargs=(os.getpid(),),
             )
+        elif stream is not None:  # reads block on Redis: not in the event loop's thread
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="export-read")
+            self._client = _raw_client(stream)
+
+    @property
+    def reads(self) -> bool:
+        """True when :meth:`read_new` may be used (the decoder knows the stream)."""
+        return self._stream is not None
 
     async def start(self) -> None:
         """Start every worker now: a spawned worker takes a second to import the decoder."""
-        if self._pool is not None:
+        if self.workers and self._pool is not None:
             started = [self._pool.submit(_ready) for _ in range(self.workers)]
             await asyncio.gather(*map(asyncio.wrap_future, started))
 
     def submit(self, entries: Entries) -> asyncio.Future[Decoded]:
         """A future of ``entries`` decoded (already done when decoding in this process)."""
-        if self._pool is None or not entries:
+        if not self.workers or self._pool is None or not entries:
             future: asyncio.Future[Decoded] = asyncio.get_running_loop().create_future()
             future.set_result(decode_chunk(entries, *self._limits) if entries else EMPTY)
             return future
         return asyncio.wrap_future(self._pool.submit(decode_chunk, entries, *self._limits))
+
+    def read_new(self, count: int, block_ms: int) -> asyncio.Future[Decoded]:
+        """A future of the next new entries read (at most ``count``, waiting up to
+        ``block_ms`` for one) and decoded, by a worker or the reading thread."""
+        if self._stream is None or self._pool is None:
+            raise RuntimeError("this decoder does not read the stream, or is closed")
+        if self._client is not None:
+            args = (self._client, self._stream, count, block_ms, *self._limits)
+            return asyncio.wrap_future(self._pool.submit(_read_with, *args))
+        return asyncio.wrap_future(
+            self._pool.submit(read_new, self._stream, count, block_ms, *self._limits)
+        )
 
     @staticmethod
     def discard(future: asyncio.Future[Decoded]) -> None:
@@ -119,3 +271,6 @@ class ChunkDecoder:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
