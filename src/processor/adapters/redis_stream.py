@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
@@ -28,6 +28,29 @@ from processor.core.deadletter import (
 )
 
 __all__ = ["DeadLetter", "Delivery", "Fields", "StreamSource", "entry_id"]
+
+
+# Entries are parsed here from the raw reply: redis-py's own parsing (a callback layer, a
+# helper call and a dict per entry) cost about as much as hiredis reading the reply.
+_RAW: Final = "processor_raw_reply"
+
+
+def _install_raw_reply(client: aioredis.Redis) -> None:
+    """Let XREADGROUP calls that ask for it (``_RAW``) get the reply unparsed.
+
+    The client may be shared: other XREADGROUP calls on it still get redis-py's parsing.
+    """
+    original = client.response_callbacks.get("XREADGROUP")
+    if getattr(original, "raw_aware", False):
+        return
+
+    def callback(response: Any, **options: Any) -> Any:
+        if options.pop(_RAW, False) or original is None:
+            return response
+        return original(response, **options)
+
+    callback.raw_aware = True  # type: ignore[attr-defined]
+    client.set_response_callback("XREADGROUP", callback)
 
 
 def entry_id(raw: Any) -> str:
@@ -90,6 +113,7 @@ class StreamSource:
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
         self._settle = client.register_script(_SETTLE)
+        _install_raw_reply(client)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) if missing; reading starts at 0."""
@@ -137,10 +161,16 @@ class StreamSource:
             self._next_claim = now + self._claim_idle_ms / 2000
         return await self._read_new()
 
+    async def _xreadgroup(self, cursor: str, block_ms: int | None = None) -> Any:
+        args: list[str | int] = ["XREADGROUP", "GROUP", self.group, self.consumer]
+        args += ["COUNT", self._count]
+        if block_ms is not None:
+            args += ["BLOCK", block_ms]
+        args += ["STREAMS", self.stream, cursor]
+        return await self._redis.execute_command(*args, **{_RAW: True})  # type: ignore[no-untyped-call]
+
     async def _read_pending(self) -> Delivery:
-        response = await self._redis.xreadgroup(
-            self.group, self.consumer, {self.stream: self._pending_cursor}, count=self._count
-        )
+        response = await self._xreadgroup(self._pending_cursor)
         entries, vanished = _entries(response)
         if not entries and not vanished:
             return Delivery([], phase=PHASE_PENDING)
@@ -167,13 +197,7 @@ class StreamSource:
         return await self._split_exhausted(entries, PHASE_CLAIM)
 
     async def _read_new(self) -> Delivery:
-        response = await self._redis.xreadgroup(
-            self.group,
-            self.consumer,
-            {self.stream: ">"},
-            count=self._count,
-            block=self._block_ms,
-        )
+        response = await self._xreadgroup(">", self._block_ms)
         entries, vanished = _entries(response)
         return Delivery(entries, vanished=vanished, phase=PHASE_NEW)
 
@@ -234,13 +258,21 @@ class StreamSource:
 
 
 def _entries(response: Any) -> tuple[list[tuple[str, Fields]], list[str]]:
-    """Entries with fields, and ids whose entry was deleted while pending (no fields)."""
+    """Entries with fields, and ids whose entry was deleted while pending (no fields).
+
+    ``response`` is the raw XREADGROUP reply: per stream ``[name, [[id, [k, v, …]], …]]``
+    (RESP2), or ``{name: [[id, [k, v, …]], …]}`` (RESP3); ``None`` when nothing came.
+    """
     out: list[tuple[str, Fields]] = []
     vanished: list[str] = []
-    for _stream, items in response or ():
-        for raw_id, fields in items:
-            if fields:
-                out.append((entry_id(raw_id), fields))
+    if not response:
+        return out, vanished
+    streams = response.values() if isinstance(response, dict) else [s[1] for s in response]
+    for items in streams:
+        for raw_id, flat in items:
+            if flat:
+                pairs = iter(flat)
+                out.append((entry_id(raw_id), dict(zip(pairs, pairs, strict=False))))
             else:
                 vanished.append(entry_id(raw_id))
     return out, vanished

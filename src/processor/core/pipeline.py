@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from processor.core import metrics
 from processor.core.batcher import Batch, Batcher
@@ -189,18 +189,33 @@ class Pipeline:
     # Writing -----------------------------------------------------------------------------
 
     async def _write_loop(self) -> None:
+        """Start storing each batch as it comes (up to ``write_concurrency`` at once) and
+        finish them in reading order as soon as each is stored."""
         writing: deque[tuple[Batch, asyncio.Task[int], float]] = deque()
+        taking: asyncio.Task[Batch | None] | None = None
+        more = True
         try:
-            while (batch := await self._queue.get()) is not None:
-                metrics.QUEUE_BATCHES.set(self._queue.qsize())
-                store = asyncio.create_task(self._store(batch), name="pipeline-store")
-                writing.append((batch, store, self.clock()))
-                while len(writing) >= self.config.write_concurrency:
+            while more or writing:
+                if more and taking is None and len(writing) < self.config.write_concurrency:
+                    taking = asyncio.create_task(self._queue.get())
+                waiting: list[asyncio.Future[Any]] = [] if taking is None else [taking]
+                if writing:
+                    waiting.append(writing[0][1])
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if taking is not None and taking.done():
+                    batch, taking = taking.result(), None
+                    metrics.QUEUE_BATCHES.set(self._queue.qsize())
+                    if batch is None:
+                        more = False
+                    else:
+                        store = asyncio.create_task(self._store(batch), name="pipeline-store")
+                        writing.append((batch, store, self.clock()))
+                while writing and writing[0][1].done():
                     await self._commit(*writing.popleft())
-            while writing:
-                await self._commit(*writing.popleft())
-        finally:
-            for _, store, _ in writing:  # only on failure: their entries stay pending
+        finally:  # only on failure: what was being written stays pending, read again later
+            if taking is not None:
+                taking.cancel()
+            for _, store, _ in writing:
                 store.cancel()
             await asyncio.gather(*(store for _, store, _ in writing), return_exceptions=True)
 
