@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from processor.core.contract import decode_entry
 from processor.core.jsonenc import io_json
 from processor.core.records import Record
+from processor.tools.export_files import DICTIONARY_COLUMNS, STATISTICS_COLUMNS
 from processor.tools.export_schema import (
     DAY_MS,
     SCHEMA,
@@ -115,3 +116,10 @@ def test_day_labels_cover_bad_clocks() -> None:
     assert day_label(0) == "1970-01-01"
     assert day_label(12_418) == "2004-01-01"
     assert day_label(2_932_896) == "9999-12-31"
+
+
+def test_parquet_write_options_name_only_schema_columns() -> None:
+    names = set(SCHEMA.names)
+
+    assert set(DICTIONARY_COLUMNS) <= names
+    assert set(STATISTICS_COLUMNS) == names - {"io"}

@@ -30,6 +30,38 @@ TMP_SUFFIX: Final = ".tmp"
 LOCK_NAME: Final = ".lock"
 CONSUMER_NAME: Final = "_consumer"
 COMPRESSION: Final = "zstd"
+# Dictionary pages only for columns with few distinct values per file (a dictionary built
+# for ids, times, positions or IO texts is thrown away after costing CPU), and no min/max
+# statistics for the long ``io`` texts (nobody filters on them).
+DICTIONARY_COLUMNS: Final = [
+    "imei",
+    "device_id",
+    "alt",
+    "angle",
+    "sat",
+    "speed",
+    "priority",
+    "event_io",
+    "codec",
+    "generation",
+]
+STATISTICS_COLUMNS: Final = [
+    "imei",
+    "device_id",
+    "ts",
+    "received_at",
+    "lat",
+    "lon",
+    "alt",
+    "angle",
+    "sat",
+    "speed",
+    "priority",
+    "event_io",
+    "codec",
+    "generation",
+    "stream_id",
+]
 
 
 class DatasetError(Exception):
@@ -165,7 +197,13 @@ class Dataset:
         final = directory / name
         temp = directory / f".{name}{TMP_SUFFIX}"
         try:
-            pq.write_table(table, temp, compression=COMPRESSION)
+            pq.write_table(
+                table,
+                temp,
+                compression=COMPRESSION,
+                use_dictionary=DICTIONARY_COLUMNS,
+                write_statistics=STATISTICS_COLUMNS,
+            )
             _fsync_path(temp)
             temp.replace(final)
         except OSError:
