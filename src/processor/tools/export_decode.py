@@ -24,9 +24,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Final
 
 import pyarrow as pa
@@ -124,40 +125,47 @@ def _read_with(
     response = client.xreadgroup(
         spec.group, spec.consumer, {spec.stream: ">"}, count=count, block=block_ms
     )
-    raw_ids: list[bytes] = []
-    records, rejections = decode_entries(
-        _stream_entries(response, raw_ids), max_entry_bytes, max_io_elements
-    )
-    if not raw_ids:
+    items = _stream_items(response)
+    if not items:
         return EMPTY
+    ids = b" ".join(map(_first, items)).decode("ascii")  # one decode, not one per entry
+    records, rejections = decode_entries(
+        _entries(ids.split(" "), map(_second, items)), max_entry_bytes, max_io_elements
+    )
     return Decoded(
         records_to_batch(records) if records else None,
         [(sid, rejection) for sid, rejection, _ in rejections],
-        ids=b" ".join(raw_ids).decode("ascii"),
+        ids=ids,
         rejected=[fields for _, _, fields in rejections],
     )
 
 
-def _stream_entries(response: Any, raw_ids: list[bytes]) -> Iterable[tuple[str, Fields]]:
-    """The entries of a raw XREADGROUP reply (RESP2 or RESP3), ids collected in ``raw_ids``.
+_first: Final = itemgetter(0)
+_second: Final = itemgetter(1)
 
-    Field lists become the dicts redis-py would build (``dict(zip(it, it))``); the usual
-    ``v, imei, payload`` list is turned into that same dict without the generic pairing.
-    """
+
+def _stream_items(response: Any) -> list[Any]:
+    """The ``[id, [field, value, …]]`` items of a raw XREADGROUP reply (RESP2 or RESP3)."""
     if not response:
-        return
+        return []
     streams = response.values() if isinstance(response, dict) else (s[1] for s in response)
-    for items in streams:
-        for raw_id, flat in items:
-            raw_ids.append(raw_id)
-            if not flat:  # deleted since delivered: acknowledged, nothing to decode
-                continue
-            if len(flat) == 6 and flat[0] == b"v" and flat[2] == b"imei" and flat[4] == b"payload":
-                fields = {b"v": flat[1], b"imei": flat[3], b"payload": flat[5]}
-            else:
-                it = iter(flat)
-                fields = dict(zip(it, it, strict=False))
-            yield raw_id.decode("ascii"), fields
+    return [item for items in streams for item in items]
+
+
+def _entries(ids: list[str], flats: Iterable[Any]) -> Iterator[tuple[str, Fields]]:
+    """Entries with the field dicts redis-py would build (``dict(zip(it, it))``).
+
+    The usual ``v, imei, payload`` list becomes that same dict without the generic
+    pairing. An entry without fields (deleted since delivered) is acknowledged only.
+    """
+    for sid, flat in zip(ids, flats, strict=True):
+        if not flat:
+            continue
+        if len(flat) == 6 and flat[0] == b"v" and flat[2] == b"imei" and flat[4] == b"payload":
+            yield sid, {b"v": flat[1], b"imei": flat[3], b"payload": flat[5]}
+        else:
+            it = iter(flat)
+            yield sid, dict(zip(it, it, strict=False))
 
 
 _clients: dict[StreamSpec, redis.Redis] = {}  # a worker process's connections
