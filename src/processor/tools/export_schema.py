@@ -1,8 +1,9 @@
 """The Parquet schema of the analytics export and the build of its columns from records.
 
 Pure: records in, Arrow tables out. Columns are built from the records a chunk at a
-time (one list per column through an attribute getter, then one ``pa.array`` each), never
-row by row through dicts, because the export runs at stream speed. The raw IO map becomes one JSON
+time (each record's fields as a tuple, transposed into one sequence per column, then one
+``pa.array`` each), never row by row through dicts, because the export runs at stream
+speed. The raw IO map becomes one JSON
 text per row, exactly :func:`processor.core.jsonenc.io_json`: IO ids as keys, integers as
 JSON numbers (64-bit values exact), bytes as lowercase hex strings. The texts are laid
 out as the string column's buffers directly (no conversion of each text by ``pa.array``).
@@ -13,7 +14,7 @@ from __future__ import annotations
 import binascii
 import re
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import accumulate, repeat
 from operator import add, attrgetter, sub
@@ -22,8 +23,9 @@ from typing import Final
 import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
+from msgspec.structs import astuple
 
-from processor.core.records import Record
+from processor.core.records import IoValue, Record
 
 DAY_MS: Final = 86_400_000
 
@@ -54,11 +56,11 @@ def _build_type(type_: pa.DataType) -> pa.DataType:
     return pa.int64() if pa.types.is_timestamp(type_) else type_
 
 
-# One getter per column, by name: a column list is built with one C-level map per field.
-_SCALAR_COLUMNS: Final = tuple(
-    (field.name, attrgetter(field.name), _build_type(field.type), field.type)
-    for field in SCHEMA
-    if field.name != "io"
+# Each column's place in a record's fields (``msgspec.structs.astuple`` order): the rows
+# of a chunk are turned into columns by one C-level transposition, ``zip(*tuples)``.
+_FIELD_INDEX: Final = {name: n for n, name in enumerate(Record.__struct_fields__)}
+_COLUMNS: Final = tuple(
+    (field.name, _FIELD_INDEX[field.name], _build_type(field.type), field.type) for field in SCHEMA
 )
 _get_io: Final = attrgetter("io")
 _encode: Final = msgspec.json.Encoder().encode
@@ -70,12 +72,15 @@ def records_to_batch(records: Sequence[Record]) -> pa.RecordBatch:
     """One Arrow record batch of ``SCHEMA`` holding ``records`` in order."""
     if not records:
         return _empty_batch()
-    arrays: dict[str, pa.Array] = {}
-    for name, get, build_type, type_ in _SCALAR_COLUMNS:
-        array_ = pa.array(list(map(get, records)), type=build_type)
-        arrays[name] = array_ if build_type is type_ else array_.view(type_)
-    arrays["io"] = io_column(records)
-    return pa.RecordBatch.from_arrays([arrays[f.name] for f in SCHEMA], schema=SCHEMA)
+    fields = list(zip(*map(astuple, records), strict=True))
+    arrays: list[pa.Array] = []
+    for name, index, build_type, type_ in _COLUMNS:
+        if name == "io":
+            arrays.append(_io_array(fields[index]))
+            continue
+        array_ = pa.array(fields[index], type=build_type)
+        arrays.append(array_ if build_type is type_ else array_.view(type_))
+    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 
 def io_column(records: Sequence[Record]) -> pa.StringArray:
@@ -85,7 +90,11 @@ def io_column(records: Sequence[Record]) -> pa.StringArray:
     those values are turned into hex, all of a chunk at once: C-level maps over the
     values and the texts, no Python code per value or per record.
     """
-    texts = list(map(_encode, map(_get_io, records)))
+    return _io_array(list(map(_get_io, records)))
+
+
+def _io_array(maps: Sequence[Mapping[int, IoValue]]) -> pa.StringArray:
+    texts = list(map(_encode, maps))
     lengths = accumulate(map(len, texts), initial=0)
     data = b"".join(texts)
     if b':"' not in data:
