@@ -28,7 +28,14 @@ from processor.tools.export import (
     discard_uncommitted,
     run_export,
 )
-from processor.tools.export_files import Dataset, data_files, file_name
+from processor.tools.export_files import (
+    BatchFiles,
+    Dataset,
+    DiskFullError,
+    data_files,
+    file_name,
+    temp_files,
+)
 from processor.tools.export_schema import records_to_batch, split_by_day
 from processor.tools.export_verify import verify_dataset
 
@@ -163,6 +170,61 @@ async def test_files_roll_over_by_row_count(
     assert stats.batches == 5
     sizes = [pq.ParquetFile(p).metadata.num_rows for p in data_files(tmp_path)]
     assert (sum(sizes), max(sizes)) == (1_000, 200)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_batches_written_ahead_hold_every_row_once_in_row_groups(
+    settings: Settings, aredis: aioredis.Redis, tmp_path: Path, workers: int
+) -> None:
+    sent = entries(3_000, devices=25, span_days=2)
+    ids = await xadd_all(aredis, settings.stream, sent)
+    limits = {"export_max_rows": 1_000, "read_count": 100, "export_read_count": 100}
+
+    stats = await run_export(
+        settings_for(settings, export_workers=workers, **limits),
+        tmp_path,
+        burst=True,
+        handle_signals=False,
+    )
+
+    expected = sorted((expected_row(i, f) for i, f in zip(ids, sent, strict=True)), key=str)
+    assert sorted(read_rows(tmp_path), key=str) == expected
+    assert stats.batches == 3
+    # Written ahead a fifth of export_max_rows at a time: several row groups per file.
+    groups = [pq.ParquetFile(p).metadata.num_row_groups for p in data_files(tmp_path)]
+    assert max(groups) >= 4
+    assert temp_files(tmp_path) == []
+    assert verify_dataset(tmp_path).clean()
+
+
+async def test_a_failed_write_ahead_is_discarded_and_the_batch_written_whole(
+    settings: Settings, aredis: aioredis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = entries(1_000, devices=5)
+    await xadd_all(aredis, settings.stream, sent)
+    appended = BatchFiles.append
+    calls = 0
+
+    def full_once(self: BatchFiles, tables: dict[str, pa.Table]) -> None:
+        nonlocal calls
+        calls += 1
+        appended(self, tables)
+        if calls == 2:
+            raise DiskFullError("[errno 28] No space left on device")
+
+    monkeypatch.setattr(BatchFiles, "append", full_once)
+    limits = {"export_max_rows": 500, "read_count": 50, "export_read_count": 50}
+
+    stats = await run_export(
+        settings_for(settings, **limits), tmp_path, burst=True, handle_signals=False
+    )
+
+    assert calls > 2
+    assert (stats.rows, stats.batches) == (1_000, 2)
+    assert temp_files(tmp_path) == []
+    report = verify_dataset(tmp_path)
+    assert (report.rows, report.clean()) == (1_000, True)
+    assert await pending(aredis, settings) == 0
 
 
 async def test_a_redelivered_batch_replaces_the_file_it_wrote_before(

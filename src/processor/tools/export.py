@@ -33,6 +33,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,9 @@ from processor.logs import get_logger
 from processor.settings import Settings
 from processor.tools.export_decode import ChunkDecoder, Decoded, Entries, StreamSpec
 from processor.tools.export_files import (
+    BatchFiles,
     Dataset,
+    DatasetError,
     DiskFullError,
     WrittenBatch,
     data_files,
@@ -63,6 +66,9 @@ _PHASE_CLAIM: Final = "claim"
 _PHASE_NEW: Final = "new"
 DISK_RETRY_INITIAL_S: Final = 0.5  # a full disk is freed by an operator: seconds, not ms
 DISK_RETRY_MAX_S: Final = 10.0
+# A batch is written ahead while it is still being read, in row groups of a fifth of
+# ``export_max_rows``, so that little is left to write when it is flushed.
+WRITE_AHEAD_PARTS: Final = 5
 
 ROWS = Counter("processor_export_rows_total", "Rows written to Parquet and acknowledged")
 REJECTED = Counter(
@@ -138,6 +144,11 @@ class Batch:
     dead: list[DeadLetter] = field(default_factory=list)
     rows: int = 0
     first_id: str | None = None
+    # Rows written ahead into the batch's files while it is read (see Exporter._write_ahead):
+    files: BatchFiles | None = None
+    appends: list[asyncio.Future[None]] = field(default_factory=list)
+    unwritten: list[pa.RecordBatch] = field(default_factory=list)  # chunks not yet written
+    unwritten_rows: int = 0
 
     def add(self, delivery: Delivery, entries: Entries, decoded: Decoded) -> None:
         """Take in a delivery whose ``entries`` were decoded; rejections become dead letters."""
@@ -181,6 +192,8 @@ class Batch:
         if decoded.chunk is not None:
             self.chunks.append(decoded.chunk)
             self.rows += decoded.rows
+            self.unwritten.append(decoded.chunk)
+            self.unwritten_rows += decoded.rows
 
     def _track_first(self, head: str) -> None:
         if self.first_id is None or id_key(head) < id_key(self.first_id):
@@ -251,6 +264,7 @@ class Exporter:
         self._flushing: Batch | None = None
         self._stop = asyncio.Event()
         self._inflight: asyncio.Task[None] | None = None
+        self._writer: ThreadPoolExecutor | None = None  # writes ahead, then commits, in order
         self.stats = ExportStats()
 
     def stop(self) -> None:
@@ -291,6 +305,10 @@ class Exporter:
             while self._decoding:
                 self._decoder.discard(self._decoding.popleft().result)
             await self._wait_inflight()
+            await self._discard_written_ahead(self._batch)  # never committed: not acked
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
         return self.stats
 
     def _read_next(self) -> asyncio.Task[Delivery]:
@@ -348,6 +366,57 @@ class Exporter:
             self._batch.add(item.delivery, item.entries, decoded)
         if not self._recovering and self._batch.due(self._limits, time.monotonic()):
             await self._start_flush()
+        else:
+            self._write_ahead(self._batch, max(1, self._limits.max_rows // WRITE_AHEAD_PARTS))
+
+    def _write_ahead(self, batch: Batch, rows: int) -> None:
+        """Write the batch's unwritten chunks as a row group of its files once they hold
+        ``rows`` rows, in the writer thread, while the batch goes on being read.
+
+        Only :meth:`Dataset.commit_batch` at the flush names the files after the batch's
+        first id and renames them into place: until then they are temporary files that a
+        restart deletes, so writing ahead changes nothing of what is committed when.
+        """
+        if not batch.unwritten or batch.unwritten_rows < rows:
+            return
+        if batch.files is None:
+            batch.files = self._dataset.batch_files()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="export-write")
+        files, chunks = batch.files, batch.unwritten
+        batch.unwritten, batch.unwritten_rows = [], 0
+
+        def append() -> None:
+            files.append(split_by_day(pa.Table.from_batches(chunks, schema=SCHEMA)))
+
+        batch.appends.append(asyncio.get_running_loop().run_in_executor(self._writer, append))
+
+    async def _commit_written_ahead(self, batch: Batch) -> WrittenBatch | None:
+        """Put the files written ahead in place; None when the batch has none, or when
+        writing them failed (they are then deleted and the batch is written whole)."""
+        if batch.files is None or self._writer is None:
+            return None
+        assert batch.first_id is not None  # a batch with rows has one
+        self._write_ahead(batch, 0)  # the rest of its rows
+        loop = asyncio.get_running_loop()
+        try:
+            for append in batch.appends:
+                await append
+            return await loop.run_in_executor(
+                self._writer, self._dataset.commit_batch, batch.first_id, batch.files
+            )
+        except DatasetError as exc:
+            _log().warning("writing ahead failed, writing the batch whole", error=str(exc))
+            await self._discard_written_ahead(batch)
+            return None
+
+    async def _discard_written_ahead(self, batch: Batch) -> None:
+        files, batch.files = batch.files, None
+        if files is None or self._writer is None:
+            return
+        await asyncio.gather(*batch.appends, return_exceptions=True)
+        batch.appends.clear()
+        await asyncio.get_running_loop().run_in_executor(self._writer, files.discard)
 
     async def _start_flush(self) -> None:
         """Hand the batch to the writer (after the previous flush is done); start a new one."""
@@ -365,7 +434,9 @@ class Exporter:
         """Write the batch's files durably, then dead-letter and acknowledge its entries."""
         assert batch.first_id is not None  # a non-empty batch always has one
         started = time.perf_counter()
-        written = await self._write_retrying(batch.first_id, batch.table())
+        written = await self._commit_written_ahead(batch)
+        if written is None:
+            written = await self._write_retrying(batch.first_id, batch.table())
         self.stats.last_rename_at = time.perf_counter()
         await self._source.settle(batch.ids, batch.dead)
         self._account(batch, len(written.paths))

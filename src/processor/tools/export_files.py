@@ -10,6 +10,7 @@ re-delivered batch is written the dataset holds exactly its rows under its name.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -18,7 +19,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,6 +63,11 @@ STATISTICS_COLUMNS: Final = [
     "generation",
     "stream_id",
 ]
+WRITE_OPTIONS: Final[dict[str, Any]] = {
+    "compression": COMPRESSION,
+    "use_dictionary": DICTIONARY_COLUMNS,
+    "write_statistics": STATISTICS_COLUMNS,
+}
 
 
 class DatasetError(Exception):
@@ -189,28 +195,43 @@ class Dataset:
         except OSError as exc:
             raise DatasetError(f"cannot remove {path}: {exc.strerror}") from exc
 
-    def _write_file(self, day: str, name: str, table: pa.Table) -> Path:
+    def commit_batch(self, first_id: str, files: BatchFiles) -> WrittenBatch:
+        """Durably put the files written ahead in place as ``part-<first_id>.parquet``.
+
+        The same as :meth:`write_batch` with the files' rows, which they already hold. On
+        failure the caller discards ``files`` and writes the batch with :meth:`write_batch`.
+        """
+        name = file_name(first_id)
+        try:
+            existing = {p for p in self._partitions() if (p / name).exists()}
+            written = [_install(temp, temp.parent / name) for temp in files.close()]
+            removed = self._remove_stale(name, existing - {path.parent for path in written})
+        except OSError as exc:
+            error = DiskFullError if _disk_full(exc) else DatasetError
+            raise error(f"cannot write batch {name}: {exc.strerror or exc}") from exc
+        return WrittenBatch(written, replaced=len(existing) - removed, removed=removed)
+
+    def batch_files(self) -> BatchFiles:
+        """Files for a batch's rows written ahead, a row group at a time (see BatchFiles)."""
+        return BatchFiles(self)
+
+    def day_directory(self, day: str) -> Path:
+        """``DIR/date=<day>``, created (durably) if missing."""
         directory = self.root / f"{PARTITION_PREFIX}{day}"
         if not directory.is_dir():
             directory.mkdir(exist_ok=True)
             _fsync_dir(self.root)
-        final = directory / name
+        return directory
+
+    def _write_file(self, day: str, name: str, table: pa.Table) -> Path:
+        directory = self.day_directory(day)
         temp = directory / f".{name}{TMP_SUFFIX}"
         try:
-            pq.write_table(
-                table,
-                temp,
-                compression=COMPRESSION,
-                use_dictionary=DICTIONARY_COLUMNS,
-                write_statistics=STATISTICS_COLUMNS,
-            )
-            _fsync_path(temp)
-            temp.replace(final)
+            pq.write_table(table, temp, **WRITE_OPTIONS)
         except OSError:
             temp.unlink(missing_ok=True)  # a partial file must not hold the space it took
             raise
-        _fsync_dir(directory)
-        return final
+        return _install(temp, directory / name)
 
     def _remove_stale(self, name: str, directories: set[Path]) -> int:
         for directory in directories:
@@ -220,6 +241,64 @@ class Dataset:
 
     def _partitions(self) -> Iterator[Path]:
         return (p for p in self.root.glob(f"{PARTITION_PREFIX}*") if p.is_dir())
+
+
+class BatchFiles:
+    """A batch's day files, written while the batch is still being read.
+
+    Each :meth:`append` adds a row group to the file of each day it has rows for, under a
+    temporary name of its own (``.batch-<random>.parquet.tmp``, removed by the next start
+    if the exporter dies); :meth:`Dataset.commit_batch` closes, syncs and renames them.
+    Used from one thread at a time.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self._dataset = dataset
+        self._tag = secrets.token_hex(6)
+        self._writers: dict[Path, pq.ParquetWriter] = {}  # by temporary path
+        self._days: dict[str, Path] = {}
+
+    def append(self, tables: dict[str, pa.Table]) -> None:
+        """Write each day's rows as one more row group of that day's file."""
+        try:
+            for day, table in tables.items():
+                temp = self._days.get(day)
+                if temp is None:
+                    directory = self._dataset.day_directory(day)
+                    temp = directory / f".batch-{self._tag}{FILE_SUFFIX}{TMP_SUFFIX}"
+                    self._writers[temp] = pq.ParquetWriter(temp, table.schema, **WRITE_OPTIONS)
+                    self._days[day] = temp
+                self._writers[temp].write_table(table)
+        except OSError as exc:
+            error = DiskFullError if _disk_full(exc) else DatasetError
+            raise error(f"cannot write ahead: {exc.strerror or exc}") from exc
+
+    def close(self) -> list[Path]:
+        """Finish every file (footer written); their temporary paths."""
+        for writer in self._writers.values():
+            writer.close()
+        return list(self._writers)
+
+    def discard(self) -> None:
+        """Close and delete the files (a write failed: the batch is written again whole)."""
+        for temp, writer in self._writers.items():
+            with contextlib.suppress(Exception):
+                writer.close()
+            temp.unlink(missing_ok=True)
+        self._writers.clear()
+        self._days.clear()
+
+
+def _install(temp: Path, final: Path) -> Path:
+    """fsync ``temp``, rename it over ``final``, fsync the directory (the file is durable)."""
+    try:
+        _fsync_path(temp)
+        temp.replace(final)
+    except OSError:
+        temp.unlink(missing_ok=True)  # a partial file must not hold the space it took
+        raise
+    _fsync_dir(final.parent)
+    return final
 
 
 def _fsync_path(path: Path) -> None:
