@@ -29,7 +29,10 @@ _DIR = click.Path(file_okay=False, path_type=Path)
 @click.option("--max-rows", type=int, default=None, help="[PROCESSOR_EXPORT_MAX_ROWS]")
 @click.option("--max-age", type=float, default=None, help="Seconds [PROCESSOR_EXPORT_MAX_AGE_S]")
 @click.option(
-    "--workers", type=int, default=None, help="Decoding processes [PROCESSOR_EXPORT_WORKERS]."
+    "--workers",
+    type=int,
+    default=None,
+    help="Processes reading and decoding new entries [PROCESSOR_EXPORT_WORKERS].",
 )
 @click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics here.")
 @click.pass_context
