@@ -1,7 +1,7 @@
 """Analytics export throughput, beside pyarrow writing the same rows prebuilt in memory.
 
-Run: ``python -m benchmarks.export_bench [--count N] [--max-rows R]`` with Redis at
-``PROCESSOR_REDIS_URL`` (default 127.0.0.1:6379). The entries are pre-loaded into a
+Run: ``python -m benchmarks.export_bench [--count N] [--max-rows R] [--workers 0,2,3]``
+with Redis at ``PROCESSOR_REDIS_URL`` (default 127.0.0.1:6379). The entries are pre-loaded into a
 stream of their own; the export runs in burst mode and is timed from its first read to
 its last file renamed (XREADGROUP, decode, Arrow columns, Parquet zstd, fsync, rename,
 XACK all included). The same-run references write the very same rows, decoded
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument(
         "--workers",
         type=lambda text: [int(w) for w in text.split(",")],
-        default=[0, 2],
+        default=[0, 2, 3],
         help="decode worker counts to run, comma-separated (0 = in process)",
     )
     args = parser.parse_args()
