@@ -1,16 +1,24 @@
 """The idempotent batch writer of positions (and their attributes) into PostgreSQL.
 
-A batch is COPYed (binary) into a per-connection temporary staging table and moved with
-``INSERT … SELECT … ON CONFLICT DO NOTHING`` in one transaction, so any entry may be
-delivered any number of times and the table ends the same (rule 3). With attribute
-decoding on, the decoded attributes travel in the same staging rows and a second
-statement of the same transaction stores them: nothing comes back to the client. Rows
-go in (device_id, ts) order, so batches written at once by concurrent transactions take
-their row locks in one order and cannot deadlock on a key they share.
+Two paths, one transaction per batch (rule 3: any entry may be delivered any number of
+times and the tables end the same):
+
+- direct: records newer than anything this writer has committed for their device cannot
+  be stored yet (unless another writer stored them), so they are COPYed straight into
+  ``positions`` and ``position_attributes`` — about half the database work of staging.
+  This runs in a savepoint; if a key turns out to exist after all (another instance, a
+  batch being written beside this one), the savepoint is rolled back and those records
+  take the staged path too (counted in ``processor_write_fallbacks_total``);
+- staged: everything else (a device's first batch, late or resent records) is COPYed
+  into a per-connection temporary table and moved with ``INSERT … ON CONFLICT DO
+  NOTHING``, attributes riding in the same staging rows. Rows go in (device_id, ts)
+  order, so batches written at once by concurrent transactions take their row locks in
+  one order and cannot deadlock on a key they share.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +26,13 @@ import asyncpg
 import orjson
 
 from processor.adapters.partitions import PartitionManager
+from processor.adapters.pgcopy import (
+    ATTRIBUTE_COLUMNS,
+    POSITION_COLUMNS,
+    attribute_rows,
+    position_rows,
+)
+from processor.core import metrics
 from processor.core.jsonenc import io_json
 from processor.core.records import Record
 from processor.settings import Settings
@@ -124,7 +139,7 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 
 class PositionsStore:
-    """Writes batches of records; returns the records that were not stored before."""
+    """Writes batches of records; returns how many were not stored before."""
 
     def __init__(
         self, pool: asyncpg.Pool, settings: Settings, attributes: AttributeFn | None = None
@@ -133,6 +148,9 @@ class PositionsStore:
         self._partitions = None if settings.timescale == "on" else PartitionManager(settings)
         self.native = settings.timescale != "on"
         self.attributes = attributes
+        # Newest ts this writer committed per device (bounded like the device state).
+        self._newest: dict[int, int] = {}
+        self._capacity = settings.state_capacity
 
     async def detect_layout(self) -> None:
         """Use native partitions only when positions is natively partitioned."""
@@ -152,17 +170,85 @@ class PositionsStore:
         unique = dedupe(records)
         if not unique:
             return 0
-        rows = map(stage_row, unique)
-        if self.attributes is not None:
-            rows = map(stage_row, unique, self.attributes(unique))
+        fresh, staged = self._split(unique)
+        decoded = self.attributes(unique) if self.attributes is not None else None
         async with self._pool.acquire() as conn:
             if self._partitions is not None:
                 await self._partitions.ensure_for(conn, [r.ts for r in unique])
             async with conn.transaction():
-                await conn.copy_records_to_table(
-                    "positions_stage", records=rows, columns=STAGE_COLUMNS
+                direct = 0
+                if fresh and await self._copy_direct(conn, unique, fresh, decoded):
+                    direct = len(fresh)
+                elif fresh:
+                    staged = list(range(len(unique)))
+                new = direct
+                if staged:
+                    new += await self._copy_staged(conn, unique, staged, decoded)
+        metrics.WRITE_PATH.labels("direct").inc(direct)
+        metrics.WRITE_PATH.labels("staged").inc(len(staged))
+        self._remember(unique)
+        return new
+
+    def _split(self, records: list[Record]) -> tuple[list[int], list[int]]:
+        """Indexes of records newer than their device's newest committed ts, and the rest."""
+        newest = self._newest
+        fresh: list[int] = []
+        staged: list[int] = []
+        for i, record in enumerate(records):
+            last = newest.get(record.device_id)
+            (fresh if last is not None and record.ts > last else staged).append(i)
+        return fresh, staged
+
+    def _remember(self, records: list[Record]) -> None:
+        newest = self._newest
+        for record in records:
+            if record.ts > newest.get(record.device_id, -1):
+                newest[record.device_id] = record.ts
+        if len(newest) > self._capacity:  # forget the devices first seen longest ago
+            for device_id in list(itertools.islice(newest, len(newest) - self._capacity)):
+                del newest[device_id]
+
+    async def _copy_direct(
+        self,
+        conn: asyncpg.Connection,
+        records: list[Record],
+        fresh: list[int],
+        decoded: Sequence[AttributeRow] | None,
+    ) -> bool:
+        """COPY the fresh records straight in; False (nothing written) if a key exists."""
+        try:
+            async with conn.transaction():  # a savepoint: a refused COPY leaves no trace
+                rows = position_rows([records[i] for i in fresh])
+                await conn.copy_to_table(
+                    "positions", source=memoryview(rows), columns=POSITION_COLUMNS, format="binary"
                 )
-                status = await conn.execute(_MOVE)
-                if self.attributes is not None:
-                    await conn.execute(_MOVE_ATTRIBUTES)
+                if decoded is not None:
+                    data = attribute_rows([decoded[i] for i in fresh])
+                    await conn.copy_to_table(
+                        "position_attributes",
+                        source=memoryview(data),
+                        columns=ATTRIBUTE_COLUMNS,
+                        format="binary",
+                    )
+        except (asyncpg.UniqueViolationError, asyncpg.DeadlockDetectedError):
+            metrics.WRITE_FALLBACKS.inc()
+            return False
+        return True
+
+    async def _copy_staged(
+        self,
+        conn: asyncpg.Connection,
+        records: list[Record],
+        staged: list[int],
+        decoded: Sequence[AttributeRow] | None,
+    ) -> int:
+        """Stage the records and insert what is new; return how many were new."""
+        if decoded is None:
+            rows = (stage_row(records[i]) for i in staged)
+        else:
+            rows = (stage_row(records[i], decoded[i]) for i in staged)
+        await conn.copy_records_to_table("positions_stage", records=rows, columns=STAGE_COLUMNS)
+        status = await conn.execute(_MOVE)
+        if decoded is not None:
+            await conn.execute(_MOVE_ATTRIBUTES)
         return int(status.rsplit(" ", 1)[1])

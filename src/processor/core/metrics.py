@@ -6,6 +6,15 @@ from prometheus_client import Counter, Gauge, Histogram
 
 ENTRIES_READ = Counter("processor_entries_read_total", "Stream entries read", ["phase"])
 RECORDS_WRITTEN = Counter("processor_records_written_total", "Positions newly stored")
+WRITE_PATH = Counter(
+    "processor_write_path_records_total",
+    "Records written straight into positions (direct) or through staging + ON CONFLICT",
+    ["path"],
+)
+WRITE_FALLBACKS = Counter(
+    "processor_write_fallbacks_total",
+    "Direct writes refused (a key already stored) and redone through staging",
+)
 DUPLICATES = Counter("processor_duplicates_total", "Records already stored (resent or redelivered)")
 DEAD_LETTERS = Counter(
     "processor_dead_letters_total", "Entries sent to the dead-letter stream", ["reason"]
