@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -28,6 +30,7 @@ from processor.tools.export import (
     discard_uncommitted,
     run_export,
 )
+from processor.tools.export_decode import ChunkDecoder, StreamSpec
 from processor.tools.export_files import (
     BatchFiles,
     Dataset,
@@ -225,6 +228,50 @@ async def test_a_failed_write_ahead_is_discarded_and_the_batch_written_whole(
     report = verify_dataset(tmp_path)
     assert (report.rows, report.clean()) == (1_000, True)
     assert await pending(aredis, settings) == 0
+
+
+async def test_a_lost_group_is_created_again_and_the_export_goes_on(
+    settings: Settings, aredis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Decoders reading new entries hit NOGROUP (Redis lost its state): the source takes
+    over, creates the group again and the export carries on (rows may come twice)."""
+    first = await xadd_all(aredis, settings.stream, entries(300))
+    source = StreamSource(
+        aredis,
+        stream=settings.stream,
+        group=settings.export_group,
+        consumer=settings.consumer,
+        dead_letter_stream=settings.dead_letter_stream,
+        max_deliveries=settings.max_deliveries,
+        claim_idle_ms=60_000,
+        count=100,
+        block_ms=50,
+    )
+    await source.ensure_group()
+    spec = StreamSpec(settings.redis_dsn(), settings.stream, settings.export_group, source.consumer)
+    limits = ExportLimits(max_rows=1_000, max_age_s=0.2, read_count=100, read_block_ms=50)
+    decoder = ChunkDecoder(workers=0, max_entry_bytes=65_536, max_io_elements=512, stream=spec)
+    with Dataset(tmp_path) as dataset, contextlib.closing(decoder):
+        exporter = Exporter(source, dataset, limits, burst=False, decoder=decoder)
+        task = asyncio.create_task(exporter.run())
+        await until(lambda: exporter.stats.rows >= 300)
+        await aredis.xgroup_destroy(settings.stream, settings.export_group)
+        second = await xadd_all(aredis, settings.stream, entries(200))
+        await until(lambda: exporter.stats.rows >= 800)  # all 500 again, from the new group
+        exporter.stop()
+        await asyncio.wait_for(task, 10)
+
+    exported = {row[-2] for row in read_rows(tmp_path)}
+    assert exported == set(first) | set(second)
+    assert await pending(aredis, settings) == 0
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
 
 
 async def test_a_redelivered_batch_replaces_the_file_it_wrote_before(

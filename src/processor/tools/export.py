@@ -43,7 +43,7 @@ import pyarrow as pa
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter, Histogram
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from processor.adapters.redis_stream import DeadLetter, Delivery, StreamSource, entry_id
 from processor.core.retry import Backoff
@@ -258,6 +258,7 @@ class Exporter:
         self._claim_every_s = claim_every_s
         self._max_reading = max(2, 2 * self._decoder.workers)
         self._drained = False  # burst: a read by the decoder found no new entry
+        self._group_lost = False  # a read by the decoder found no group (Redis restarted)
         self._decoding: deque[_Decoding] = deque()
         self._recovering = True  # own pending entries are re-read first, as one batch
         self._batch = Batch()
@@ -324,7 +325,10 @@ class Exporter:
         block_ms = 1 if self._burst else limits.read_block_ms
         count = min(limits.read_count, limits.max_rows)
         until = time.monotonic() + self._claim_every_s
-        while not (self._drained or self._stop.is_set()) and time.monotonic() < until:
+        self._group_lost = False
+        while not (self._drained or self._group_lost or self._stop.is_set()):
+            if time.monotonic() >= until:
+                break
             result = self._decoder.read_new(count, block_ms)
             self._decoding.append(_Decoding(None, (), result))
             while len(self._decoding) >= self._max_reading:
@@ -354,6 +358,13 @@ class Exporter:
             decoded = await item.result
         except BrokenProcessPool as exc:
             raise ExportError("a decode worker process died") from exc
+        except ResponseError as exc:
+            if item.delivery is not None or not str(exc).startswith("NOGROUP"):
+                raise
+            # The source creates the group again and starts over with own pending entries.
+            _log().warning("consumer group gone, reading through the source", error=str(exc))
+            self._group_lost = True
+            return
         phase = _PHASE_NEW if item.delivery is None else item.delivery.phase
         if self._recovering and phase != _PHASE_PENDING:
             self._recovering = False
