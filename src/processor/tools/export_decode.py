@@ -71,7 +71,7 @@ EMPTY: Final = Decoded()
 class StreamSpec:
     """Where and as whom a decoder reads new entries: Redis URL, stream, group, consumer."""
 
-    url: str
+    url: str = field(repr=False)  # may hold a password: never in a repr or log
     stream: str
     group: str
     consumer: str
