@@ -124,3 +124,20 @@ async def test_late_and_resent_records_go_staged_and_count_once(
     assert direct_count() == before
     keys = await stored_keys(clean_db)
     assert len(keys) == len(set(keys)) == 30
+
+
+async def test_a_batch_repeating_records_stores_each_once_without_a_fallback(
+    settings: Settings, clean_db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    store = await store_for(pool, settings)
+    assert await store.write(records(4, 0, 5)) == 5
+    fallbacks = metrics.WRITE_FALLBACKS._value.get()
+    before = direct_count()
+
+    assert await store.write(records(4, 5, 10) + records(4, 7, 2)) == 10
+
+    assert direct_count() - before == 10  # the repeats went staged and were skipped there
+    assert metrics.WRITE_FALLBACKS._value.get() == fallbacks
+    keys = await stored_keys(clean_db)
+    assert len(keys) == len(set(keys)) == 15
+    assert await clean_db.fetchval("SELECT count(*) FROM position_attributes") == 15

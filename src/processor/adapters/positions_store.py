@@ -118,14 +118,6 @@ def stage_row(record: Record, attributes: AttributeRow | None = None) -> tuple[A
     )
 
 
-def dedupe(records: Sequence[Record]) -> list[Record]:
-    """Keep the first record of each (device, ts) in a batch."""
-    seen: dict[tuple[int, int], Record] = {}
-    for record in records:
-        seen.setdefault((record.device_id, record.ts), record)
-    return list(seen.values())
-
-
 async def init_connection(conn: asyncpg.Connection) -> None:
     """Per-connection setup: binary jsonb as raw JSON bytes, and the staging tables."""
     await conn.set_type_codec(
@@ -167,7 +159,7 @@ class PositionsStore:
 
         Attributes are decoded for the whole batch and stored with the positions.
         """
-        unique = dedupe(records)
+        unique = records if isinstance(records, list) else list(records)
         if not unique:
             return 0
         fresh, staged = self._split(unique)
@@ -190,13 +182,24 @@ class PositionsStore:
         return new
 
     def _split(self, records: list[Record]) -> tuple[list[int], list[int]]:
-        """Indexes of records newer than their device's newest committed ts, and the rest."""
+        """Indexes of records newer than their device's newest committed ts, and the rest.
+
+        A record must also be newer than the device's fresh records before it in the
+        batch, so the fresh ones have distinct keys; a repeat goes staged, where ON
+        CONFLICT (run after the direct COPY, in the same transaction) skips it.
+        """
         newest = self._newest
+        ahead: dict[int, int] = {}  # newest fresh ts per device within this batch
         fresh: list[int] = []
         staged: list[int] = []
         for i, record in enumerate(records):
-            last = newest.get(record.device_id)
-            (fresh if last is not None and record.ts > last else staged).append(i)
+            device_id = record.device_id
+            last = ahead.get(device_id) or newest.get(device_id)
+            if last is not None and record.ts > last:
+                fresh.append(i)
+                ahead[device_id] = record.ts
+            else:
+                staged.append(i)
         return fresh, staged
 
     def _remember(self, records: list[Record]) -> None:

@@ -123,9 +123,11 @@ class Pipeline:
 
     async def _read_loop(self, stop: asyncio.Event, burst: bool) -> None:
         batcher = Batcher(self.config.batch_max_size, self.config.batch_max_age_s)
+        ahead: asyncio.Task[Delivery | None] | None = None
         try:
             while not stop.is_set():
-                delivery = await self._read(stop)
+                delivery = await (ahead or self._read(stop))
+                ahead = None
                 if delivery is None:
                     break
                 now = self.clock()
@@ -134,10 +136,21 @@ class Pipeline:
                     if burst and delivery.phase == PHASE_NEW:
                         break
                     continue
+                # Read ahead: Redis prepares and sends the next entries while these are
+                # decoded (after an empty read there is no hurry, and burst mode ends).
+                ahead = asyncio.create_task(self._read(stop), name="pipeline-read-ahead")
+                await asyncio.sleep(0)  # let it send the request before decoding starts
                 await self._put(self._add(batcher, delivery, now))
                 await self._put(batcher.due(now))
+            if ahead is not None:  # stopping: what it read is stored and acknowledged too
+                delivery, ahead = await ahead, None
+                if delivery is not None and not delivery.empty():
+                    await self._put(self._add(batcher, delivery, self.clock()))
             await self._put(batcher.take())
         finally:
+            if ahead is not None:  # only on failure: entries it read stay pending
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
             await self._queue.put(None)
 
     async def _read(self, stop: asyncio.Event) -> Delivery | None:
