@@ -34,11 +34,12 @@ import redis
 
 from benchmarks.common import make_entries, print_table
 from processor.core.contract import decode_entry
+from processor.core.gc_tuning import tune_for_throughput
 from processor.core.jsonenc import io_json
 from processor.core.records import Record
 from processor.logs import configure_logging
 from processor.settings import Settings, load_settings
-from processor.tools.export import run_export, tune_gc
+from processor.tools.export import run_export
 from processor.tools.export_files import Dataset
 from processor.tools.export_schema import SCHEMA, records_to_batch, split_by_day
 
@@ -140,7 +141,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     configure_logging("console", "warning")
-    tune_gc()  # as `processor export` does
+    tune_for_throughput()  # as `processor export` does
 
     load_before = os.getloadavg()[0]
     entries = make_entries(args.count, devices=args.devices, sentinels=True)

@@ -44,6 +44,7 @@ from processor.adapters.positions_store import (
 )
 from processor.core import metrics
 from processor.core.contract import decode_entry
+from processor.core.gc_tuning import tune_for_throughput
 from processor.core.pipeline import Pipeline
 from processor.core.records import Record
 from processor.core.state import DeviceStates
@@ -394,4 +395,6 @@ def parse() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(parse()))
+    args = parse()
+    tune_for_throughput()  # as `processor run` does at start-up
+    asyncio.run(main(args))

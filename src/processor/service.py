@@ -28,6 +28,7 @@ from processor.adapters.positions_store import PositionsStore, init_connection
 from processor.adapters.redis_stream import StreamSource
 from processor.cli import settings_or_exit
 from processor.core import metrics
+from processor.core.gc_tuning import tune_for_throughput
 from processor.core.pipeline import CommitHook, Pipeline, PipelineConfig
 from processor.core.retry import Backoff
 from processor.core.state import DeviceStates
@@ -360,6 +361,7 @@ def run_command(
     if check:
         sys.exit(0 if check_running(settings) else 1)
     configure_logging(settings.log_format, settings.log_level)
+    tune_for_throughput()
     try:
         asyncio.run(_main(settings, burst))
     except StartupError as exc:

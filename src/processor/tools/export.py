@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import time
@@ -492,18 +491,6 @@ class Exporter:
         self.stats.rejected += len(batch.dead)
         self.stats.files += files
         self.stats.batches += 1
-
-
-def tune_gc() -> None:
-    """Run the cycle collector far less often (the export command calls this at start).
-
-    The export allocates many short-lived, acyclic objects (stream entries, records) that
-    reference counting frees at once; with the default thresholds the cycle collector runs
-    every 700 allocations and costs about a fifth of the exporter's CPU. Objects alive at
-    start-up (modules, settings) are frozen out of its scans.
-    """
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 50)
 
 
 def claim_idle_ms(settings: Settings) -> int:

@@ -9,8 +9,9 @@ import click
 from prometheus_client import start_http_server
 
 from processor.cli import settings_or_exit
+from processor.core.gc_tuning import tune_for_throughput
 from processor.logs import configure_logging
-from processor.tools.export import ExportError, run_export, tune_gc
+from processor.tools.export import ExportError, run_export
 from processor.tools.export_files import DatasetError
 from processor.tools.export_verify import verify_dataset
 
@@ -61,7 +62,7 @@ def export(
     configure_logging(settings.log_format, settings.log_level)
     if metrics_port is not None:
         start_http_server(metrics_port, addr=settings.http_host)
-    tune_gc()
+    tune_for_throughput()
     try:
         stats = asyncio.run(run_export(settings, out, burst=burst, consumer=consumer))
     except (ExportError, DatasetError) as exc:

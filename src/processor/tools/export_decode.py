@@ -18,7 +18,6 @@ stream entries to rows.
 from __future__ import annotations
 
 import asyncio
-import gc
 import multiprocessing
 import os
 import signal
@@ -35,6 +34,7 @@ import redis
 
 from processor.adapters.redis_stream import Fields
 from processor.core.contract import decode_entry
+from processor.core.gc_tuning import tune_for_throughput
 from processor.core.records import Record, Rejection
 from processor.tools.export_schema import records_to_batch
 
@@ -199,9 +199,7 @@ def _init_worker(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    # Like the exporter (export.tune_gc): many short-lived acyclic objects per entry.
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 50)
+    tune_for_throughput()  # like the exporter: many short-lived objects per entry
 
 
 def _exit_with_parent(parent: int) -> None:
