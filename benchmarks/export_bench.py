@@ -139,12 +139,19 @@ def main() -> None:
         default=[0, 2, 3],
         help="decode worker counts to run, comma-separated (0 = in process)",
     )
+    parser.add_argument(
+        "--mix",
+        choices=("sentinels", "plain"),
+        default="sentinels",
+        help="IO of every record: 15 plain elements plus one $bigint and one $bytes (the"
+        " default, the heavier decode) or the 15 plain elements of the pipeline benchmark",
+    )
     args = parser.parse_args()
     configure_logging("console", "warning")
     tune_for_throughput()  # as `processor export` does
 
     load_before = os.getloadavg()[0]
-    entries = make_entries(args.count, devices=args.devices, sentinels=True)
+    entries = make_entries(args.count, devices=args.devices, sentinels=args.mix == "sentinels")
     prefix = f"bench:export:{uuid.uuid4().hex[:8]}"
     client = redis.Redis.from_url(REDIS_URL)
     work = Path(tempfile.mkdtemp(prefix="export-bench-"))
@@ -169,7 +176,10 @@ def main() -> None:
         client.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"{args.count:,} entries, {args.devices:,} devices, batches of {args.max_rows:,} rows,")
+    print(
+        f"{args.count:,} entries ({args.mix} IO mix), {args.devices:,} devices, "
+        f"batches of {args.max_rows:,} rows,"
+    )
     print("zstd, fsync + rename. Same-run references below; ratios are export / reference.")
     rows: list[list[object]] = []
     for workers, (rate, files, cpu_us, workers_us, redis_us) in rates.items():

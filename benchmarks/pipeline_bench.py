@@ -20,6 +20,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -302,15 +303,22 @@ async def peak_rss(settings: Settings, url: str, devices: int, records: int) -> 
         PROCESSOR_HTTP_PORT="0",
     )
     exe = str(Path(sys.executable).with_name("processor"))
-    proc = subprocess.Popen([exe, "run", "--burst"], env=env)  # noqa: ASYNC220 - polled below
-    watched = psutil.Process(proc.pid)
-    peak = 0.0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, watched.memory_info().rss / 2**20)
-        except psutil.NoSuchProcess:
-            break
-        await asyncio.sleep(0.1)
+    # Its log goes to a file (100,000 devices unknown to `devices`: one warning each).
+    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log_file:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - polled below
+            [exe, "run", "--burst"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        watched = psutil.Process(proc.pid)
+        peak = 0.0
+        while proc.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss / 2**20)
+            except psutil.NoSuchProcess:
+                break
+            await asyncio.sleep(0.1)
+        if proc.returncode:
+            log_file.seek(0)
+            print(log_file.read()[-3000:])
     await client.delete(stream)
     await client.aclose()
     return peak, proc.returncode or 0
