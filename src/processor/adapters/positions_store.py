@@ -37,25 +37,7 @@ from processor.core.jsonenc import io_json
 from processor.core.records import Record
 from processor.settings import Settings
 
-STAGE_COLUMNS = (
-    "device_id",
-    "ts",
-    "received_at",
-    "lat",
-    "lon",
-    "alt",
-    "angle",
-    "satellites",
-    "speed",
-    "priority",
-    "event_io",
-    "codec",
-    "generation",
-    "io",
-    "stream_id",
-    "attributes",
-    "mapping_version",
-)
+STAGE_COLUMNS = (*POSITION_COLUMNS, "attributes", "mapping_version")
 
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS positions_stage (

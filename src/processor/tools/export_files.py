@@ -24,6 +24,8 @@ from typing import Any, Final, TextIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from processor.tools.export_schema import SCHEMA
+
 PARTITION_PREFIX: Final = "date="
 FILE_PREFIX: Final = "part-"
 FILE_SUFFIX: Final = ".parquet"
@@ -46,23 +48,7 @@ DICTIONARY_COLUMNS: Final = [
     "codec",
     "generation",
 ]
-STATISTICS_COLUMNS: Final = [
-    "imei",
-    "device_id",
-    "ts",
-    "received_at",
-    "lat",
-    "lon",
-    "alt",
-    "angle",
-    "sat",
-    "speed",
-    "priority",
-    "event_io",
-    "codec",
-    "generation",
-    "stream_id",
-]
+STATISTICS_COLUMNS: Final = [field.name for field in SCHEMA if field.name != "io"]
 WRITE_OPTIONS: Final[dict[str, Any]] = {
     "compression": COMPRESSION,
     "use_dictionary": DICTIONARY_COLUMNS,
