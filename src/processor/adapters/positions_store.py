@@ -12,8 +12,8 @@ times and the tables end the same):
 - staged: everything else (a device's first batch, late or resent records) is COPYed
   into a per-connection temporary table and moved with ``INSERT … ON CONFLICT DO
   NOTHING``, attributes riding in the same staging rows. Rows go in (device_id, ts)
-  order, so batches written at once by concurrent transactions take their row locks in
-  one order and cannot deadlock on a key they share.
+  order (staged inserts of concurrent batches take their row locks in one order); of
+  records repeating a key in one batch, the one with the lowest stream id is kept.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ SELECT device_id, timestamptz 'epoch' + ts * interval '1 millisecond',
        lat, lon, alt, angle, satellites, speed, priority, event_io, codec, generation, io,
        stream_id
 FROM positions_stage
-ORDER BY device_id, ts
+ORDER BY device_id, ts, stream_id
 ON CONFLICT DO NOTHING
 """
 # The attributes of every staged position. Only positions new to the table lack an
@@ -68,7 +68,7 @@ INSERT INTO position_attributes (device_id, ts, attributes, mapping_version)
 SELECT device_id, timestamptz 'epoch' + ts * interval '1 millisecond', attributes,
        mapping_version
 FROM positions_stage
-ORDER BY device_id, ts
+ORDER BY device_id, ts, stream_id
 ON CONFLICT DO NOTHING
 """
 
@@ -188,6 +188,7 @@ class PositionsStore:
         newest = self._newest
         for record in records:
             if record.ts > newest.get(record.device_id, -1):
+                newest.pop(record.device_id, None)  # to the end: the least recent go first
                 newest[record.device_id] = record.ts
         if len(newest) > self._capacity:  # forget the devices first seen longest ago
             for device_id in list(itertools.islice(newest, len(newest) - self._capacity)):

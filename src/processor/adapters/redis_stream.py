@@ -273,6 +273,8 @@ def _entries(response: Any) -> tuple[list[tuple[str, Fields]], list[str]]:
             sid = raw_id.decode() if type(raw_id) is bytes else str(raw_id)
             if not flat:
                 vanished.append(sid)
+            elif type(flat) is dict:  # parsed after all (a callback set on the client later)
+                out.append((sid, flat))
             elif len(flat) == 6:  # the contract's three fields: built without zip (4x faster)
                 k0, v0, k1, v1, k2, v2 = flat
                 out.append((sid, {k0: v0, k1: v1, k2: v2}))

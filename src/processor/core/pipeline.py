@@ -106,17 +106,21 @@ class Pipeline:
         self.clock = clock
         self.stats = PipelineStats()
         self._queue: asyncio.Queue[Batch | None] = asyncio.Queue(config.queue_max_batches)
+        self._stopping = False  # after a failure: no task waits for the other any more
 
     async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
         """Run until ``stop`` is set (or, in burst mode, the stream is drained); then flush."""
         writer = asyncio.create_task(self._write_loop(), name="pipeline-writer")
         reader = asyncio.create_task(self._read_loop(stop, burst), name="pipeline-reader")
         done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_EXCEPTION)
-        if writer in done and writer.exception() is not None:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-            raise writer.exception()  # type: ignore[misc]
-        await reader  # re-raises a reader failure
+        # A failure stops the other task too; what was read and not stored stays pending.
+        for failed, other in ((writer, reader), (reader, writer)):
+            if failed in done and failed.exception() is not None:
+                self._stopping = True
+                other.cancel()
+                await asyncio.gather(other, return_exceptions=True)
+                raise failed.exception()  # type: ignore[misc]
+        await reader
         await writer
 
     # Reading -----------------------------------------------------------------------------
@@ -151,7 +155,11 @@ class Pipeline:
             if ahead is not None:  # only on failure: entries it read stay pending
                 ahead.cancel()
                 await asyncio.gather(ahead, return_exceptions=True)
-            await self._queue.put(None)
+            if self._stopping:  # the writer failed: nobody will make room in the queue
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._queue.put_nowait(None)
+            else:
+                await self._queue.put(None)
 
     async def _read(self, stop: asyncio.Event) -> Delivery | None:
         backoff = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
