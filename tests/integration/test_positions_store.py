@@ -141,3 +141,29 @@ async def test_a_batch_repeating_records_stores_each_once_without_a_fallback(
     keys = await stored_keys(clean_db)
     assert len(keys) == len(set(keys)) == 15
     assert await clean_db.fetchval("SELECT count(*) FROM position_attributes") == 15
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["staged", "direct"])
+async def test_of_records_repeating_a_key_the_first_in_the_batch_is_stored(
+    settings: Settings, clean_db: asyncpg.Connection, pool: asyncpg.Pool, warm: bool
+) -> None:
+    store = await store_for(pool, settings)
+    if warm:
+        assert await store.write(records(5, 0, 1)) == 1
+    batch = records(5, 1, 12)
+    first = batch[0]
+    for n in range(11):  # resends of the first record, later, between the others
+        resend = records(5, 1, 1)[0]
+        resend.received_at += 60_000 * (n + 1)
+        resend.stream_id = f"1000-{n}"  # ids that sort before the first's as text
+        batch.insert(2 * n + 2, resend)
+
+    assert await store.write(batch) == 12
+
+    stored = await clean_db.fetchval(
+        "SELECT (extract(epoch FROM received_at) * 1000)::bigint FROM positions"
+        " WHERE device_id = $1 AND ts = to_timestamp($2::float8 / 1000)",
+        first.device_id,
+        first.ts,
+    )
+    assert stored == first.received_at

@@ -13,7 +13,7 @@ times and the tables end the same):
   into a per-connection temporary table and moved with ``INSERT … ON CONFLICT DO
   NOTHING``, attributes riding in the same staging rows. Rows go in (device_id, ts)
   order (staged inserts of concurrent batches take their row locks in one order); of
-  records repeating a key in one batch, the one with the lowest stream id is kept.
+  records repeating a key in one batch, the first in stream order is kept.
 """
 
 from __future__ import annotations
@@ -37,14 +37,16 @@ from processor.core.jsonenc import io_json
 from processor.core.records import Record
 from processor.settings import Settings
 
-STAGE_COLUMNS = (*POSITION_COLUMNS, "attributes", "mapping_version")
+# ``ord``: the record's place in its batch, so that of records repeating a key the first
+# in stream order is the one stored (the one the domain saw first).
+STAGE_COLUMNS = (*POSITION_COLUMNS, "attributes", "mapping_version", "ord")
 
 _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS positions_stage (
     device_id bigint, ts bigint, received_at bigint, lat float8, lon float8, alt integer,
     angle smallint, satellites smallint, speed integer, priority smallint, event_io integer,
     codec smallint, generation smallint, io jsonb, stream_id text, attributes jsonb,
-    mapping_version integer
+    mapping_version integer, ord integer
 ) ON COMMIT DELETE ROWS;
 """
 
@@ -56,7 +58,7 @@ SELECT device_id, timestamptz 'epoch' + ts * interval '1 millisecond',
        lat, lon, alt, angle, satellites, speed, priority, event_io, codec, generation, io,
        stream_id
 FROM positions_stage
-ORDER BY device_id, ts, stream_id
+ORDER BY device_id, ts, ord
 ON CONFLICT DO NOTHING
 """
 # The attributes of every staged position. Only positions new to the table lack an
@@ -68,7 +70,7 @@ INSERT INTO position_attributes (device_id, ts, attributes, mapping_version)
 SELECT device_id, timestamptz 'epoch' + ts * interval '1 millisecond', attributes,
        mapping_version
 FROM positions_stage
-ORDER BY device_id, ts, stream_id
+ORDER BY device_id, ts, ord
 ON CONFLICT DO NOTHING
 """
 
@@ -77,7 +79,9 @@ AttributeRow = tuple[int, int, bytes, int]  # device_id, ts ms, attributes JSON,
 AttributeFn = Callable[[Sequence[Record]], Sequence[AttributeRow]]
 
 
-def stage_row(record: Record, attributes: AttributeRow | None = None) -> tuple[Any, ...]:
+def stage_row(
+    record: Record, attributes: AttributeRow | None = None, ord_: int = 0
+) -> tuple[Any, ...]:
     """One staging row in STAGE_COLUMNS order (attributes null when not decoded)."""
     return (
         record.device_id,
@@ -97,6 +101,7 @@ def stage_row(record: Record, attributes: AttributeRow | None = None) -> tuple[A
         record.stream_id,
         None if attributes is None else attributes[2],
         None if attributes is None else attributes[3],
+        ord_,
     )
 
 
@@ -230,9 +235,9 @@ class PositionsStore:
     ) -> int:
         """Stage the records and insert what is new; return how many were new."""
         if decoded is None:
-            rows = (stage_row(records[i]) for i in staged)
+            rows = (stage_row(records[i], None, i) for i in staged)
         else:
-            rows = (stage_row(records[i], decoded[i]) for i in staged)
+            rows = (stage_row(records[i], decoded[i], i) for i in staged)
         await conn.copy_records_to_table("positions_stage", records=rows, columns=STAGE_COLUMNS)
         status = await conn.execute(_MOVE)
         if decoded is not None:
