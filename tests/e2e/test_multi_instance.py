@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from processor.adapters.reference import import_course, parse_course
 from processor.domain.engine import evaluate
 from processor.settings import Settings
 
-from ..integration.pipeline_helpers import stored_keys
+from ..integration.pipeline_helpers import processor_env, stored_keys
 from .test_live_equals_replay import RESULT_TABLES, replayed_rows, stored_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -35,13 +34,8 @@ START = "2026-05-03T09:00:00Z"
 
 
 def base_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCESSOR_")}
-    env.update(
-        PROCESSOR_DATABASE_URL=settings.database_dsn(),
-        PROCESSOR_REDIS_URL=settings.redis_dsn(),
-        PROCESSOR_STREAM=settings.stream,
-        PROCESSOR_DEAD_LETTER_STREAM=settings.dead_letter_stream,
-        PROCESSOR_LIVE_PREFIX=settings.live_prefix,
+    return processor_env(
+        settings,
         PROCESSOR_HTTP_PORT="0",
         PROCESSOR_CLAIM_IDLE_MS="2000",
         PROCESSOR_DOMAIN_LEASE_TTL_MS="3000",
@@ -50,7 +44,6 @@ def base_env(settings: Settings) -> dict[str, str]:
         PROCESSOR_LOG_LEVEL="warning",
         PROCESSOR_DISPATCH_ENABLED="false",
     )
-    return env
 
 
 def course_file(settings: Settings, path: Path) -> None:

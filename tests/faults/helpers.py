@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import re
 import signal
@@ -23,6 +22,7 @@ from redis.exceptions import RedisError, ResponseError
 from processor.settings import Settings
 
 from ..integration.pipeline_helpers import MALFORMED, entry
+from ..integration.pipeline_helpers import processor_env as base_env
 from .servers import free_port
 
 PROCESSOR = str(Path(sys.executable).with_name("processor"))
@@ -163,22 +163,15 @@ class Service:
 
 
 def processor_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCESSOR_")}
-    env.update(
-        PROCESSOR_DATABASE_URL=settings.database_dsn(),
-        PROCESSOR_REDIS_URL=settings.redis_dsn(),
-        PROCESSOR_STREAM=settings.stream,
-        PROCESSOR_DEAD_LETTER_STREAM=settings.dead_letter_stream,
-        PROCESSOR_LIVE_PREFIX=settings.live_prefix,
-        PROCESSOR_CONSUMER=settings.consumer,
-        PROCESSOR_CLAIM_IDLE_MS="2000",
-        PROCESSOR_RETRY_MAX_S="1",
-        PROCESSOR_LOG_FORMAT="console",
-        PROCESSOR_LOG_LEVEL="info",
-        PROCESSOR_DOMAIN_ENABLED="true",
-    )
-    env.update(extra)
-    return env
+    defaults = {
+        "PROCESSOR_CONSUMER": settings.consumer,
+        "PROCESSOR_CLAIM_IDLE_MS": "2000",
+        "PROCESSOR_RETRY_MAX_S": "1",
+        "PROCESSOR_LOG_FORMAT": "console",
+        "PROCESSOR_LOG_LEVEL": "info",
+        "PROCESSOR_DOMAIN_ENABLED": "true",
+    }
+    return base_env(settings, **(defaults | extra))
 
 
 def start_service(settings: Settings, log: Path, **extra: str) -> Service:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+
+from processor.settings import Settings
 
 BASE_TS = 1_780_000_000_000  # 2026-05-28T20:26:40Z
 
@@ -83,3 +86,18 @@ async def stored_keys(conn: asyncpg.Connection) -> list[tuple[int, int]]:
         "SELECT device_id, (extract(epoch FROM ts) * 1000)::bigint AS ts FROM positions"
     )
     return [(r["device_id"], r["ts"]) for r in rows]
+
+
+def processor_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a ``processor`` subprocess on this test's database and streams:
+    no ``PROCESSOR_*`` variable of the caller leaks in; ``extra`` adds or overrides."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCESSOR_")}
+    env.update(
+        PROCESSOR_DATABASE_URL=settings.database_dsn(),
+        PROCESSOR_REDIS_URL=settings.redis_dsn(),
+        PROCESSOR_STREAM=settings.stream,
+        PROCESSOR_DEAD_LETTER_STREAM=settings.dead_letter_stream,
+        PROCESSOR_LIVE_PREFIX=settings.live_prefix,
+    )
+    env.update(extra)
+    return env

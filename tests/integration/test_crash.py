@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import redis.asyncio as aioredis
 
 from processor.settings import Settings
 
-from .pipeline_helpers import MALFORMED, entry, shuffled, stored_keys, xadd_all
+from .pipeline_helpers import MALFORMED, entry, processor_env, shuffled, stored_keys, xadd_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,12 +47,8 @@ def build_stream(total: int, seed: int) -> tuple[list[dict[str, bytes]], set[tup
 
 
 def env_for(settings: Settings, consumer: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCESSOR_")}
-    env.update(
-        PROCESSOR_DATABASE_URL=settings.database_dsn(),
-        PROCESSOR_REDIS_URL=settings.redis_dsn(),
-        PROCESSOR_STREAM=settings.stream,
-        PROCESSOR_DEAD_LETTER_STREAM=settings.dead_letter_stream,
+    return processor_env(
+        settings,
         PROCESSOR_CONSUMER=consumer,
         PROCESSOR_HTTP_PORT="0",
         PROCESSOR_CLAIM_IDLE_MS="1000",
@@ -64,7 +59,6 @@ def env_for(settings: Settings, consumer: str) -> dict[str, str]:
         PROCESSOR_LOG_LEVEL="warning",
         PROCESSOR_DOMAIN_ENABLED="false",
     )
-    return env
 
 
 def start(settings: Settings, consumer: str, *args: str) -> subprocess.Popen[bytes]:

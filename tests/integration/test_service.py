@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from processor.adapters.migrations import migrate
 from processor.settings import Settings, load_settings
 
 from ..conftest import ADMIN_URL, _with_database
-from .pipeline_helpers import entry, xadd_all
+from .pipeline_helpers import entry, processor_env, xadd_all
 
 pytestmark = pytest.mark.integration
 
@@ -29,16 +28,7 @@ PROCESSOR = str(Path(sys.executable).with_name("processor"))
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROCESSOR_")}
-    env.update(
-        PROCESSOR_DATABASE_URL=settings.database_dsn(),
-        PROCESSOR_REDIS_URL=settings.redis_dsn(),
-        PROCESSOR_STREAM=settings.stream,
-        PROCESSOR_DEAD_LETTER_STREAM=settings.dead_letter_stream,
-        PROCESSOR_LOG_FORMAT="json",
-    )
-    env.update(extra)
-    return env
+    return processor_env(settings, **({"PROCESSOR_LOG_FORMAT": "json"} | extra))
 
 
 def start(env: dict[str, str]) -> subprocess.Popen[bytes]:

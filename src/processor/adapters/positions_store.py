@@ -146,26 +146,26 @@ class PositionsStore:
 
         Attributes are decoded for the whole batch and stored with the positions.
         """
-        unique = records if isinstance(records, list) else list(records)
-        if not unique:
+        batch = records if isinstance(records, list) else list(records)
+        if not batch:
             return 0
-        fresh, staged = self._split(unique)
-        decoded = self.attributes(unique) if self.attributes is not None else None
+        fresh, staged = self._split(batch)
+        decoded = self.attributes(batch) if self.attributes is not None else None
         async with self._pool.acquire() as conn:
             if self._partitions is not None:
-                await self._partitions.ensure_for(conn, [r.ts for r in unique])
+                await self._partitions.ensure_for(conn, [r.ts for r in batch])
             async with conn.transaction():
                 direct = 0
-                if fresh and await self._copy_direct(conn, unique, fresh, decoded):
+                if fresh and await self._copy_direct(conn, batch, fresh, decoded):
                     direct = len(fresh)
                 elif fresh:
-                    staged = list(range(len(unique)))
+                    staged = list(range(len(batch)))
                 new = direct
                 if staged:
-                    new += await self._copy_staged(conn, unique, staged, decoded)
+                    new += await self._copy_staged(conn, batch, staged, decoded)
         metrics.WRITE_PATH.labels("direct").inc(direct)
         metrics.WRITE_PATH.labels("staged").inc(len(staged))
-        self._remember(unique)
+        self._remember(batch)
         return new
 
     def _split(self, records: list[Record]) -> tuple[list[int], list[int]]:
