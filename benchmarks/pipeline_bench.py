@@ -44,6 +44,7 @@ from processor.adapters.positions_store import (
     stage_row,
 )
 from processor.core import metrics
+from processor.core.attributes import NATIVE
 from processor.core.contract import decode_entry
 from processor.core.gc_tuning import tune_for_throughput
 from processor.core.pipeline import Pipeline
@@ -150,7 +151,7 @@ async def end_to_end(
         cache = MappingCache.from_settings(settings)
         async with pool.acquire() as conn:
             await cache.load(conn)
-        store.attributes = cache.rows
+        store.attributes = cache
     source = stream_source(client, settings)
     await source.ensure_group()
     pipeline = Pipeline(
@@ -345,7 +346,8 @@ async def main(args: argparse.Namespace) -> None:
         batch = settings.batch_max_size
         print(
             f"{len(entries):,} entries, 1,000 devices, 15 IO elements each; batch {batch}; "
-            f"best of {args.repeat} interleaved runs; load average {os.getloadavg()[0]:.1f}"
+            f"best of {args.repeat} interleaved runs; load average {os.getloadavg()[0]:.1f}; "
+            f"attribute encoder: {'C' if NATIVE else 'Python (built without C)'}"
         )
         # Interleaved repeats, best of each: the machine's load changes during a run.
         e2e = with_attributes = ceil = direct_ceil = 0.0

@@ -8,7 +8,7 @@ import asyncpg
 import orjson
 import pytest
 
-from processor.adapters.mappings import MappingCache
+from processor.adapters.mappings import UNKNOWN_DEVICE_RECORDS, MappingCache
 from processor.adapters.positions_store import PositionsStore, init_connection
 from processor.core import metrics
 from processor.core.contract import decode_entry
@@ -57,7 +57,7 @@ async def store_for(pool: asyncpg.Pool, settings: Settings) -> PositionsStore:
     cache = MappingCache.from_settings(settings)
     async with pool.acquire() as conn:
         await cache.load(conn)
-    store = PositionsStore(pool, settings, attributes=cache.rows)
+    store = PositionsStore(pool, settings, attributes=cache)
     await store.detect_layout()
     return store
 
@@ -103,10 +103,13 @@ async def test_a_direct_write_meeting_a_stored_key_is_redone_staged_and_stores_e
     other_writer = await store_for(pool, settings)  # e.g. another instance
     assert await other_writer.write(later[3:4]) == 1
     fallbacks = metrics.WRITE_FALLBACKS._value.get()
+    unknown = UNKNOWN_DEVICE_RECORDS._value.get()
 
     assert await store.write(later) == 9
 
     assert metrics.WRITE_FALLBACKS._value.get() == fallbacks + 1
+    # Decoded again for the staged write, the records of the unknown device count once.
+    assert UNKNOWN_DEVICE_RECORDS._value.get() == unknown + 10
     keys = await stored_keys(clean_db)
     assert len(keys) == len(set(keys)) == 20
     assert await clean_db.fetchval("SELECT count(*) FROM position_attributes") == 20

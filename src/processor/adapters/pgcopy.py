@@ -11,11 +11,18 @@ the field count and each field as a 32-bit length (-1 for NULL) and its bytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
+from processor.core.attributes import DeviceEntry
+from processor.core.attributes import attribute_rows as decoded_rows
 from processor.core.jsonenc import io_json
 from processor.core.records import Record
+
+try:
+    from processor.core import _speedups as _native
+except ImportError:  # built without a C compiler
+    _native = None  # type: ignore[assignment]
 
 HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, extension length
 TRAILER: Final = b"\xff\xff"
@@ -107,9 +114,30 @@ def position_rows(records: Iterable[Record]) -> bytes:
     return b"".join(out)
 
 
-def attribute_rows(rows: Iterable[tuple[int, int, bytes, int]]) -> bytes:
+def attribute_copy_records(
+    records: Sequence[Record],
+    entries: dict[int, DeviceEntry],
+    resolve: Callable[[int], DeviceEntry],
+) -> tuple[bytes, int]:
+    """Binary COPY data of the records' ``position_attributes`` rows, decoded with their
+    devices' entries (see :func:`processor.core.attributes.attribute_rows`), and how many
+    records are of devices not in ``devices``."""
+    if _native is not None:
+        return _native.attribute_copy_records(records, entries, resolve)
+    rows, unknown = decoded_rows(records, entries, resolve)
+    return attribute_rows_py(rows), unknown
+
+
+def attribute_rows(rows: Sequence[tuple[int, int, bytes, int]]) -> bytes:
     """Binary COPY data of ``position_attributes`` rows (:data:`ATTRIBUTE_COLUMNS`) from
     ``(device_id, ts ms, attributes JSON, mapping version)``."""
+    if _native is not None:
+        return _native.attribute_copy(rows)
+    return attribute_rows_py(rows)
+
+
+def attribute_rows_py(rows: Iterable[tuple[int, int, bytes, int]]) -> bytes:
+    """:func:`attribute_rows` in Python (what the C encoder, when built, writes too)."""
     head, length, version = _ATTRIBUTES.pack, _LENGTH.pack, _VERSION.pack
     out = [HEADER]
     append = out.append

@@ -19,8 +19,8 @@ times and the tables end the same):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import asyncpg
 import orjson
@@ -29,10 +29,10 @@ from processor.adapters.partitions import PartitionManager
 from processor.adapters.pgcopy import (
     ATTRIBUTE_COLUMNS,
     POSITION_COLUMNS,
-    attribute_rows,
     position_rows,
 )
 from processor.core import metrics
+from processor.core.attributes import AttributeRow
 from processor.core.jsonenc import io_json
 from processor.core.records import Record
 from processor.settings import Settings
@@ -74,9 +74,18 @@ ORDER BY device_id, ts, ord
 ON CONFLICT DO NOTHING
 """
 
-AttributeRow = tuple[int, int, bytes, int]  # device_id, ts ms, attributes JSON, mapping version
-# One attributes row per record, in the records' order.
-AttributeFn = Callable[[Sequence[Record]], Sequence[AttributeRow]]
+
+class AttributeSource(Protocol):
+    """Decodes the attributes of records (``MappingCache`` is the one the service uses)."""
+
+    def rows(self, records: Sequence[Record], *, count: bool = True) -> list[AttributeRow]:
+        """One attributes row per record, in the records' order (``count``: count the
+        records of unknown devices in the metrics; False when decoding them again)."""
+        ...
+
+    def copy_data(self, records: Sequence[Record]) -> bytes:
+        """The binary COPY data of the records' ``position_attributes`` rows."""
+        ...
 
 
 def stage_row(
@@ -121,7 +130,7 @@ class PositionsStore:
     """Writes batches of records; returns how many were not stored before."""
 
     def __init__(
-        self, pool: asyncpg.Pool, settings: Settings, attributes: AttributeFn | None = None
+        self, pool: asyncpg.Pool, settings: Settings, attributes: AttributeSource | None = None
     ) -> None:
         self._pool = pool
         self._partitions = None if settings.timescale == "on" else PartitionManager(settings)
@@ -150,19 +159,30 @@ class PositionsStore:
         if not batch:
             return 0
         fresh, staged = self._split(batch)
-        decoded = self.attributes(batch) if self.attributes is not None else None
+        source = self.attributes
+        fresh_data = staged_rows = None
+        if source is not None:  # decoded before a connection is taken
+            if fresh:
+                fresh_data = source.copy_data([batch[i] for i in fresh])
+            if staged:
+                staged_rows = source.rows([batch[i] for i in staged])
         async with self._pool.acquire() as conn:
             if self._partitions is not None:
                 await self._partitions.ensure_for(conn, [r.ts for r in batch])
             async with conn.transaction():
                 direct = 0
-                if fresh and await self._copy_direct(conn, batch, fresh, decoded):
+                if fresh and await self._copy_direct(conn, batch, fresh, fresh_data):
                     direct = len(fresh)
-                elif fresh:
+                elif fresh:  # a key exists after all: everything goes staged
+                    if source is not None:
+                        again = source.rows([batch[i] for i in fresh], count=False)
+                        by_index = dict(zip(fresh, again, strict=True))
+                        by_index.update(zip(staged, staged_rows or (), strict=True))
+                        staged_rows = [by_index[i] for i in range(len(batch))]
                     staged = list(range(len(batch)))
                 new = direct
                 if staged:
-                    new += await self._copy_staged(conn, batch, staged, decoded)
+                    new += await self._copy_staged(conn, batch, staged, staged_rows)
         metrics.WRITE_PATH.labels("direct").inc(direct)
         metrics.WRITE_PATH.labels("staged").inc(len(staged))
         self._remember(batch)
@@ -204,7 +224,7 @@ class PositionsStore:
         conn: asyncpg.Connection,
         records: list[Record],
         fresh: list[int],
-        decoded: Sequence[AttributeRow] | None,
+        attributes: bytes | None,
     ) -> bool:
         """COPY the fresh records straight in; False (nothing written) if a key exists."""
         try:
@@ -213,11 +233,10 @@ class PositionsStore:
                 await conn.copy_to_table(
                     "positions", source=memoryview(rows), columns=POSITION_COLUMNS, format="binary"
                 )
-                if decoded is not None:
-                    data = attribute_rows([decoded[i] for i in fresh])
+                if attributes is not None:
                     await conn.copy_to_table(
                         "position_attributes",
-                        source=memoryview(data),
+                        source=memoryview(attributes),
                         columns=ATTRIBUTE_COLUMNS,
                         format="binary",
                     )
@@ -231,15 +250,20 @@ class PositionsStore:
         conn: asyncpg.Connection,
         records: list[Record],
         staged: list[int],
-        decoded: Sequence[AttributeRow] | None,
+        attributes: Sequence[AttributeRow] | None,
     ) -> int:
-        """Stage the records and insert what is new; return how many were new."""
-        if decoded is None:
+        """Stage the records and insert what is new; return how many were new.
+
+        ``attributes``: the staged records' attribute rows, in ``staged`` order.
+        """
+        if attributes is None:
             rows = (stage_row(records[i], None, i) for i in staged)
         else:
-            rows = (stage_row(records[i], decoded[i], i) for i in staged)
+            rows = (
+                stage_row(records[i], row, i) for i, row in zip(staged, attributes, strict=True)
+            )
         await conn.copy_records_to_table("positions_stage", records=rows, columns=STAGE_COLUMNS)
         status = await conn.execute(_MOVE)
-        if decoded is not None:
+        if attributes is not None:
             await conn.execute(_MOVE_ATTRIBUTES)
         return int(status.rsplit(" ", 1)[1])

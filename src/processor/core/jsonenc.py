@@ -19,6 +19,11 @@ from processor.core.records import IoValue
 _encode: Final = msgspec.json.Encoder().encode
 
 
+def encode_json(value: object) -> bytes:
+    """Any JSON-able value, as the stored texts are written (compact, UTF-8)."""
+    return _encode(value)
+
+
 def io_json(io: Mapping[int, IoValue]) -> bytes:
     """The IO map as JSON: ids as keys, integers exact, variable-length values as hex.
 
