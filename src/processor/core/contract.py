@@ -9,8 +9,10 @@ sentinel objects ``{"$bigint": "<decimal>"}`` and ``{"$bytes": "<base64>"}``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from itertools import repeat
+from operator import attrgetter, contains
+from typing import Any, Final, cast
 
 import msgspec
 
@@ -115,6 +117,136 @@ def _decode(
     record.stream_id = stream_id
     record.imei, record.device_id = identity
     return record
+
+
+def decode_run(
+    stream_ids: Sequence[str],
+    versions: Sequence[bytes],
+    imeis: Sequence[bytes],
+    payloads: Sequence[bytes],
+    *,
+    max_entry_bytes: int = 65_536,
+    max_io_elements: int = 512,
+) -> list[Record] | None:
+    """The records of a run of entries (``v``, ``imei``, ``payload`` each), or None.
+
+    The records are exactly what :func:`decode_entry` gives for each entry when every
+    entry of the run is valid; otherwise (or when that is not certain) None, and the
+    caller decodes each entry with :func:`decode_entry`, which names the reasons. The
+    same checks as :func:`decode_entry`, made once over the whole run where they can be
+    (types, versions, sizes, ASCII, codecs, IO counts, the key count of the duplicate-key
+    check), so that the per-entry Python work is the JSON decode and the sentinels.
+    """
+    count = len(payloads)
+    if not count:
+        return []
+    if not (len(stream_ids) == len(versions) == len(imeis) == count):
+        raise ValueError("stream_ids, versions, imeis and payloads differ in length")
+    try:
+        return _decode_run(stream_ids, versions, imeis, payloads, max_entry_bytes, max_io_elements)
+    except Exception:  # noqa: BLE001 - anything unusual: decode_entry says what, one by one
+        return None
+
+
+_codec: Final = attrgetter("codec")
+_io: Final = attrgetter("io")
+_device_id: Final = attrgetter("device_id")
+_imei: Final = attrgetter("imei")
+_stream_id: Final = attrgetter("stream_id")
+_BYTES: Final = frozenset({bytes})
+_GENERATION: Final = b'"generation"'
+
+
+def _decode_run(
+    stream_ids: Sequence[str],
+    versions: Sequence[bytes],
+    imeis: Sequence[bytes],
+    payloads: Sequence[bytes],
+    max_bytes: int,
+    max_io: int,
+) -> list[Record] | None:
+    count = len(payloads)
+    if set(map(type, payloads)) != _BYTES or set(map(type, imeis)) != _BYTES:
+        return None
+    # Every version equal to b"1" (and so one byte long, and bytes: str never equals it).
+    if versions.count(CONTRACT_VERSION) != count or set(map(type, versions)) != _BYTES:
+        return None
+    longest = _FIELD_NAME_BYTES + len(CONTRACT_VERSION) + max(map(len, imeis))
+    if longest + max(map(len, payloads)) > max_bytes:  # not certain every entry fits
+        return None
+    known = list(map(_imeis.get, imeis))
+    identities = _identities(imeis) if None in known else cast(list[tuple[str, int]], known)
+    if identities is None:
+        return None
+    text = b"".join(payloads)
+    if not text.isascii():  # UTF-8 checked entry by entry
+        return None
+    records = list(map(_decoder.decode, payloads))  # an invalid payload raises: None
+    if any(map(_device_id, records)) or any(map(_imei, records)) or any(map(_stream_id, records)):
+        return None
+    if not set(map(_codec, records)) <= SUPPORTED_CODECS:
+        return None
+    ios = list(map(_io, records))
+    io_lens = list(map(len, ios))
+    if max(io_lens) > max_io:
+        return None
+    # Sentinels: as in _decode, each "{" beyond a payload's own two may be one.
+    sentinels = text.count(b"{") - 2 * count
+    if sentinels and not _decode_run_sentinels(payloads, ios):
+        return None
+    # The duplicate-key check of _has_duplicate_keys, summed over the run: an entry's
+    # colons are never fewer than the keys it is counted to have, so the sums are equal
+    # only when every entry's are (then none repeats a key); otherwise one by one.
+    generations = sum(map(contains, payloads, repeat(_GENERATION)))
+    present = _REQUIRED_KEYS * count + generations + sum(io_lens) + sentinels
+    if text.count(b":") != present:
+        return None
+    for record, stream_id, identity in zip(records, stream_ids, identities, strict=True):
+        record.stream_id = stream_id
+        record.imei, record.device_id = identity
+    return records
+
+
+def _identities(imeis: Sequence[bytes]) -> list[tuple[str, int]] | None:
+    """Each IMEI's text and number (remembered, as in _decode); None if one is invalid."""
+    identities = []
+    for imei in imeis:
+        identity = _imeis.get(imei)
+        if identity is None:
+            if len(imei) != 15 or not imei.isdigit():
+                return None
+            identity = _remember(imei)
+        identities.append(identity)
+    return identities
+
+
+def _decode_run_sentinels(payloads: Sequence[bytes], ios: list[dict[int, Any]]) -> bool:
+    """:func:`_decode_io` of each payload's IO map that may hold sentinels, in place;
+    False when one is bad (its entry is then decoded alone, which names the reason)."""
+    for io, braces in zip(ios, map(bytes.count, payloads, repeat(b"{")), strict=True):
+        most = braces - 2
+        if most <= 0:
+            continue
+        for key, value in reversed(io.items()):
+            if type(value) is _Sentinel:
+                bigint, raw = value.bigint, value.raw
+                if bigint is None and raw is not None:
+                    io[key] = raw
+                elif (
+                    raw is None
+                    and bigint is not None
+                    and 0 < len(bigint) <= 20
+                    and bigint.isascii()
+                    and bigint.isdigit()
+                    and (number := int(bigint)) <= MAX_U64
+                ):
+                    io[key] = number
+                else:
+                    return False
+                most -= 1
+                if not most:
+                    break
+    return True
 
 
 def _has_duplicate_keys(payload: bytes, io_len: int, sentinels: int) -> bool:
