@@ -3,20 +3,18 @@
 Pure: records in, Arrow tables out. Columns are built from the records a chunk at a
 time (each record's fields as a tuple, transposed into one sequence per column, then one
 ``pa.array`` each), never row by row through dicts, because the export runs at stream
-speed. The raw IO map becomes one JSON
-text per row, exactly :func:`processor.core.jsonenc.io_json`: IO ids as keys, integers as
-JSON numbers (64-bit values exact), bytes as lowercase hex strings. The texts are laid
-out as the string column's buffers directly (no conversion of each text by ``pa.array``).
-"""
+speed. The raw IO map becomes one JSON text per row, exactly
+:func:`processor.core.jsonenc.io_json`: IO ids as keys, integers as JSON numbers (64-bit
+values exact), bytes as lowercase hex strings. The texts of a chunk are encoded as one
+JSON array and cut apart by Arrow (no Python object per text)."""
 
 from __future__ import annotations
 
-import binascii
 import re
 from array import array
+from binascii import a2b_base64, hexlify
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from itertools import accumulate
 from operator import attrgetter
 from typing import Final
 
@@ -66,6 +64,8 @@ _get_io: Final = attrgetter("io")
 _encode: Final = msgspec.json.Encoder().encode
 # In an IO map's JSON text, a string value: bytes, base64 as msgspec writes them.
 _STRING_VALUE: Final = re.compile(rb':"([^"]*)"')
+_CLOSE: Final = pa.scalar(b"}", pa.binary())
+_NO_SEPARATOR: Final = pa.scalar(b"", pa.binary())
 
 
 def records_to_batch(records: Sequence[Record]) -> pa.RecordBatch:
@@ -86,26 +86,29 @@ def records_to_batch(records: Sequence[Record]) -> pa.RecordBatch:
 def io_column(records: Sequence[Record]) -> pa.StringArray:
     """The ``io`` column: each record's IO map as :func:`~processor.core.jsonenc.io_json`.
 
-    msgspec writes bytes as base64; a string value (``:"``) can only come from bytes, so
-    those values are turned into hex, all of a chunk at once: C-level maps over the
-    values and the texts, no Python code per value or per record.
+    msgspec writes bytes as base64; a string value can only come from bytes (the keys
+    are the other strings), so those values are turned into hex, all of a chunk at once:
+    C-level maps over the values, no Python code per value or per record.
     """
     return _io_array(list(map(_get_io, records)))
 
 
 def _io_array(maps: Sequence[Mapping[int, IoValue]]) -> pa.StringArray:
-    texts = list(map(_encode, maps))
-    data = b"".join(texts)
-    if b':"' in data:
-        # One pass over the chunk's texts joined by newlines (JSON texts from msgspec hold
-        # none): every base64 value replaced by its hex, then the texts split apart again.
-        parts = _STRING_VALUE.split(b"\n".join(texts))  # text, value, text, …, text
-        base64 = map(binascii.a2b_base64, parts[1::2])
-        parts[1::2] = map(b':"%s"'.__mod__, map(str.encode, map(bytes.hex, base64)))
-        texts = b"".join(parts).split(b"\n")
-        data = b"".join(texts)
-    offsets = array("i", accumulate(map(len, texts), initial=0))  # 32-bit, as pa.string()
-    return pa.StringArray.from_buffers(len(texts), pa.py_buffer(offsets), pa.py_buffer(data))
+    # All maps in one JSON array, ``[{…},{…}]`` (an IO text holds no brace or nested
+    # object), cut apart by Arrow at each "},": no Python object per text.
+    data = _encode(maps)
+    if data.count(b'"') != 2 * sum(map(len, maps)):  # not only the keys are strings
+        # Every base64 value replaced by its hex, in one pass over the chunk.
+        parts = _STRING_VALUE.split(data)  # text, value, text, …, text
+        parts[1::2] = map(b':"%s"'.__mod__, map(hexlify, map(a2b_base64, parts[1::2])))
+        data = b"".join(parts)
+    # The one binary value "{…},{…},{…" (each text but the last "}"), without a copy.
+    whole = pa.Array.from_buffers(
+        pa.binary(), 1, [None, pa.py_buffer(array("i", (1, len(data) - 2))), pa.py_buffer(data)]
+    )
+    texts = pc.split_pattern(whole, b"},").flatten()
+    closed = pc.binary_join_element_wise(texts, _CLOSE, _NO_SEPARATOR)
+    return closed.cast(pa.string())
 
 
 def _empty_batch() -> pa.RecordBatch:
