@@ -39,3 +39,31 @@ def test_a_reply_decodes_as_each_entry_alone(monkeypatch: pytest.MonkeyPatch, ru
     assert got == expected
     assert got[1]  # the mix holds rejections
     assert records_to_batch(got[0]).equals(records_to_batch(expected[0]))
+
+
+class Reply:
+    """A client whose XREADGROUP returns one raw reply (as the decoder's client parses it)."""
+
+    def __init__(self, items: list[list[Any]]) -> None:
+        self.items = items
+
+    def xreadgroup(self, *_args: Any, **_kwargs: Any) -> Any:
+        return [[b"s", self.items]]
+
+
+def test_a_read_is_one_chunk_of_its_records_in_stream_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(export_decode, "RUN", 7)
+    generated = generate(hostile=60, valid=200, seed=8)
+    entries = [fields for fields in generated.entries if isinstance(fields, dict)]
+    ids = [f"18-{n}" for n in range(len(entries))]
+    items = [[sid.encode(), flat(fields)] for sid, fields in zip(ids, entries, strict=True)]
+    spec = export_decode.StreamSpec("redis://unused", "s", "g", "c")
+    decoded = export_decode._read_with(Reply(items), spec, 1_000, 1, 65_536, 512)  # type: ignore[arg-type]
+    records, rejections = decode_entries(zip(ids, entries, strict=True), 65_536, 512)
+    assert decoded.chunk is not None
+    assert decoded.chunk.equals(records_to_batch(records))
+    assert decoded.rejections == [(sid, rejection) for sid, rejection, _ in rejections]
+    assert decoded.rejected == [fields for _, _, fields in rejections]
+    assert decoded.id_list() == ids
