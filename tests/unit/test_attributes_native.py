@@ -1,7 +1,7 @@
 """The C encoder of the attribute path writes exactly the bytes of the Python path.
 
-The Python path is the definition: ``decode_attributes`` (the mapping rules), keys put in
-jsonb order, msgspec's JSON. The C encoder (``processor/core/_speedups.c``) must give the
+The Python path is the definition: ``decode_attributes`` (the mapping rules), then
+msgspec's JSON. The C encoder (``processor/core/_speedups.c``) must give the
 same bytes for any mapping and any IO map, and the same COPY data, so that a build with
 or without it stores the same rows.
 """
@@ -26,7 +26,6 @@ from processor.core.attributes import (
     IoElement,
     ModelMapping,
     decode_attributes,
-    jsonb_ordered,
 )
 from processor.core.jsonenc import attributes_json
 from processor.core.records import IoValue, Record
@@ -37,7 +36,7 @@ CSV = Path(__file__).resolve().parents[2] / "data" / "io-elements-fmb.csv"
 
 
 def python_json(io: Mapping[int, IoValue], mapping: ModelMapping) -> bytes:
-    return attributes_json(jsonb_ordered(decode_attributes(io, mapping)))
+    return attributes_json(decode_attributes(io, mapping))
 
 
 def native_json(io: Mapping[int, IoValue], mapping: ModelMapping) -> bytes:
@@ -113,12 +112,12 @@ def test_the_fmb_table_decodes_the_same_either_way() -> None:
         )
 
 
-def test_keys_come_in_jsonb_order() -> None:
+def test_keys_come_in_the_io_order() -> None:
     mapping = ModelMapping.build(
         "M", [IoElement(1, "speed"), IoElement(2, "ab"), IoElement(3, "b"), IoElement(4, "aa")]
     )
-    text = native_json({1: 5, 2: 6, 3: 7, 4: 8, 77: 9}, mapping)
-    assert list(orjson.loads(text)) == ["b", "77", "aa", "ab", "speed"]
+    text = native_json({3: 7, 1: 5, 77: 9, 2: 6, 4: 8}, mapping)
+    assert list(orjson.loads(text)) == ["b", "speed", "77", "ab", "aa"]
 
 
 def test_names_an_unknown_id_could_repeat_keep_the_python_path() -> None:

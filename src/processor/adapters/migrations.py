@@ -44,6 +44,7 @@ _POSITIONS_COLUMNS = """
     PRIMARY KEY (device_id, ts)
 """
 
+# ``attributes`` becomes json in migration 6 (0006_attributes_json.sql).
 _ATTRIBUTES_COLUMNS = """
     device_id       bigint      NOT NULL,
     ts              timestamptz NOT NULL,

@@ -143,8 +143,7 @@ def attribute_rows_py(rows: Iterable[tuple[int, int, bytes, int]]) -> bytes:
     append = out.append
     for device_id, ts, text, mapping_version in rows:
         append(head(4, 8, device_id, 8, (ts - _PG_EPOCH_MS) * 1000))
-        append(length(len(text) + 1))
-        append(_JSONB)
+        append(length(len(text)))  # json's binary format is its text
         append(text)
         append(version(4, mapping_version))
     append(TRAILER)

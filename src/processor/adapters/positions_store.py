@@ -45,7 +45,7 @@ _CREATE_STAGE = """
 CREATE TEMP TABLE IF NOT EXISTS positions_stage (
     device_id bigint, ts bigint, received_at bigint, lat float8, lon float8, alt integer,
     angle smallint, satellites smallint, speed integer, priority smallint, event_io integer,
-    codec smallint, generation smallint, io jsonb, stream_id text, attributes jsonb,
+    codec smallint, generation smallint, io jsonb, stream_id text, attributes json,
     mapping_version integer, ord integer
 ) ON COMMIT DELETE ROWS;
 """
@@ -115,12 +115,19 @@ def stage_row(
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """Per-connection setup: binary jsonb as raw JSON bytes, and the staging tables."""
+    """Per-connection setup: binary json/jsonb as raw JSON bytes, and the staging tables."""
     await conn.set_type_codec(
         "jsonb",
         schema="pg_catalog",
         encoder=lambda value: b"\x01" + value,
         decoder=lambda data: orjson.loads(data[1:]),
+        format="binary",
+    )
+    await conn.set_type_codec(
+        "json",
+        schema="pg_catalog",
+        encoder=lambda value: value,
+        decoder=orjson.loads,
         format="binary",
     )
     await conn.execute(_CREATE_STAGE)

@@ -354,32 +354,14 @@ put_raw_key(Buffer *b, PyObject *io_id)
     return put(b, "\":", 2);
 }
 
-typedef struct {
-    Py_ssize_t start; /* of the member's text in the scratch buffer: "key":value */
-    Py_ssize_t key_len; /* of the key between its quotes */
-    Py_ssize_t len;
-} Member;
-
-/* The order jsonb keeps object keys in: shorter first, then bytewise. Members written in
- * it spare PostgreSQL's sort of every stored object (its sort checks for sorted input). */
-static inline int
-member_before(const char *text, const Member *a, const Member *b)
-{
-    if (a->key_len != b->key_len)
-        return a->key_len < b->key_len;
-    return memcmp(text + a->start + 1, text + b->start + 1, (size_t)a->key_len) < 0;
-}
-
 /* One IO element as its member "key":value at the end of the buffer. */
 static int
-put_member(Buffer *b, PyObject *io_id, PyObject *value, PyObject *plan, Member *m)
+put_member(Buffer *b, PyObject *io_id, PyObject *value, PyObject *plan)
 {
-    m->start = b->len;
     PyObject *element = PyDict_GetItemWithError(plan, io_id);
     if (element == NULL) {
         if (PyErr_Occurred() || put_raw_key(b, io_id) < 0)
             return -1;
-        m->key_len = b->len - m->start - 3;
         return PyBytes_Check(value) ? put_hex(b, value) : put_value(b, value);
     }
     if (!PyTuple_Check(element) || PyTuple_GET_SIZE(element) != 3) {
@@ -389,13 +371,12 @@ put_member(Buffer *b, PyObject *io_id, PyObject *value, PyObject *plan, Member *
     PyObject *key = PyTuple_GET_ITEM(element, 0);
     long kind = PyLong_AsLong(PyTuple_GET_ITEM(element, 1));
     PyObject *arg = PyTuple_GET_ITEM(element, 2);
-    if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) < 3) {
+    if (!PyBytes_Check(key)) {
         PyErr_SetString(PyExc_TypeError, "a plan key must be bytes: '\"name\":'");
         return -1;
     }
     if (put(b, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)) < 0)
         return -1;
-    m->key_len = PyBytes_GET_SIZE(key) - 3;
     if (kind == CALL) {
         PyObject *decoded = PyObject_CallOneArg(arg, value);
         if (decoded == NULL)
@@ -420,89 +401,26 @@ put_member(Buffer *b, PyObject *io_id, PyObject *value, PyObject *plan, Member *
     return -1;
 }
 
-/* An IO map's members, written into scratch space and ordered as jsonb orders keys. */
-typedef struct {
-    Buffer text; /* the members' text, reused across records */
-    Member *members;
-    Py_ssize_t capacity;
-    Py_ssize_t count;
-    Py_ssize_t size; /* of the object: braces, members and commas */
-} Object;
-
-static void
-object_free(Object *o)
-{
-    PyMem_Free(o->text.data);
-    PyMem_Free(o->members);
-}
-
+/* The attributes JSON object of one IO map, appended to the buffer: one member per
+ * element, in the map's order. */
 static int
-collect(Object *o, PyObject *io, PyObject *plan)
+put_object(Buffer *b, PyObject *io, PyObject *plan)
 {
     if (!PyDict_Check(io) || !PyDict_Check(plan)) {
         PyErr_SetString(PyExc_TypeError, "io and plan must be dicts");
         return -1;
     }
-    Py_ssize_t count = PyDict_GET_SIZE(io);
-    if (count > o->capacity) {
-        Member *members = PyMem_Realloc(o->members, sizeof(Member) * (size_t)count);
-        if (members == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        o->members = members;
-        o->capacity = count;
-    }
-    Buffer *b = &o->text;
-    Member *members = o->members;
-    Py_ssize_t pos = 0, n = 0, size = 2;
+    if (put_char(b, '{') < 0)
+        return -1;
+    Py_ssize_t pos = 0;
     PyObject *io_id, *value;
-    b->len = 0;
-    while (n < count && PyDict_Next(io, &pos, &io_id, &value)) {
-        Member current;
-        if (put_member(b, io_id, value, plan, &current) < 0)
+    int first = 1;
+    while (PyDict_Next(io, &pos, &io_id, &value)) {
+        if ((!first && put_char(b, ',') < 0) || put_member(b, io_id, value, plan) < 0)
             return -1;
-        current.len = b->len - current.start;
-        size += current.len + (n > 0);
-        /* insertion sort: devices send their elements in a stable order, so few moves */
-        Py_ssize_t j = n;
-        while (j > 0 && member_before(b->data, &current, &members[j - 1])) {
-            members[j] = members[j - 1];
-            j--;
-        }
-        members[j] = current;
-        n++;
+        first = 0;
     }
-    o->count = n;
-    o->size = size;
-    return 0;
-}
-
-/* The collected object's text at p (o->size bytes). */
-static void
-emit(const Object *o, char *p)
-{
-    *p++ = '{';
-    for (Py_ssize_t i = 0; i < o->count; i++) {
-        const Member *m = &o->members[i];
-        if (i > 0)
-            *p++ = ',';
-        memcpy(p, o->text.data + m->start, (size_t)m->len);
-        p += m->len;
-    }
-    *p = '}';
-}
-
-/* The attributes JSON object of one IO map, members in jsonb key order. */
-static PyObject *
-encode_object(Object *o, PyObject *io, PyObject *plan)
-{
-    if (collect(o, io, plan) < 0)
-        return NULL;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, o->size);
-    if (out != NULL)
-        emit(o, PyBytes_AS_STRING(out));
-    return out;
+    return put_char(b, '}');
 }
 
 static PyObject *
@@ -513,9 +431,11 @@ encode_attributes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "encode_attributes(io, plan) takes 2 arguments");
         return NULL;
     }
-    Object o = {{NULL, 0, 0}, NULL, 0, 0, 0};
-    PyObject *out = encode_object(&o, args[0], args[1]);
-    object_free(&o);
+    Buffer b = {NULL, 0, 0};
+    PyObject *out = NULL;
+    if (put_object(&b, args[0], args[1]) == 0)
+        out = PyBytes_FromStringAndSize(b.data, b.len);
+    PyMem_Free(b.data);
     return out;
 }
 
@@ -543,55 +463,61 @@ device_entry(PyObject *entries, PyObject *resolve, PyObject *device_id)
     return entry;
 }
 
-/* One record's attributes: its device id, ts and entry (new references), and either the
- * object collected in ``o`` (*json NULL) or the bytes a Python encoder made (*json). */
+/* One record's attributes: its device id, ts, entry and IO map (new references). */
 typedef struct {
-    PyObject *device_id, *ts, *entry, *json;
-} Encoded;
+    PyObject *device_id, *ts, *entry, *io;
+} Fields;
 
 static void
-encoded_clear(Encoded *e)
+fields_clear(Fields *f)
 {
-    Py_CLEAR(e->device_id);
-    Py_CLEAR(e->ts);
-    Py_CLEAR(e->entry);
-    Py_CLEAR(e->json);
+    Py_CLEAR(f->device_id);
+    Py_CLEAR(f->ts);
+    Py_CLEAR(f->entry);
+    Py_CLEAR(f->io);
 }
 
 static int
-encode_record(Object *o, PyObject *record, PyObject *entries, PyObject *resolve, Encoded *e,
+record_fields(PyObject *record, PyObject *entries, PyObject *resolve, Fields *f,
               long long *unknown)
 {
-    PyObject *io = NULL;
-    e->device_id = PyObject_GetAttr(record, s_device_id);
-    if (e->device_id == NULL)
+    f->device_id = PyObject_GetAttr(record, s_device_id);
+    if (f->device_id == NULL)
         return -1;
-    e->entry = device_entry(entries, resolve, e->device_id);
-    if (e->entry == NULL)
+    f->entry = device_entry(entries, resolve, f->device_id);
+    if (f->entry == NULL)
         return -1;
-    int known = PyObject_IsTrue(PyTuple_GET_ITEM(e->entry, 2));
+    int known = PyObject_IsTrue(PyTuple_GET_ITEM(f->entry, 2));
     if (known < 0)
         return -1;
     *unknown += !known;
-    e->ts = PyObject_GetAttr(record, s_ts);
-    if (e->ts == NULL || (io = PyObject_GetAttr(record, s_io)) == NULL)
+    f->ts = PyObject_GetAttr(record, s_ts);
+    if (f->ts == NULL)
         return -1;
-    PyObject *plan = PyTuple_GET_ITEM(e->entry, 0);
-    int rc = 0;
-    if (PyDict_Check(plan)) {
-        rc = collect(o, io, plan);
+    f->io = PyObject_GetAttr(record, s_io);
+    return f->io == NULL ? -1 : 0;
+}
+
+/* The record's attributes JSON appended to the buffer: with the native plan of its entry,
+ * or the bytes its Python encoder returns. */
+static int
+put_attributes(Buffer *b, Fields *f)
+{
+    PyObject *plan = PyTuple_GET_ITEM(f->entry, 0);
+    if (PyDict_Check(plan))
+        return put_object(b, f->io, plan);
+    PyObject *json = PyObject_CallOneArg(plan, f->io);
+    if (json == NULL)
+        return -1;
+    int rc;
+    if (PyBytes_Check(json)) {
+        rc = put(b, PyBytes_AS_STRING(json), PyBytes_GET_SIZE(json));
     }
     else {
-        e->json = PyObject_CallOneArg(plan, io);
-        if (e->json != NULL && !PyBytes_Check(e->json)) {
-            PyErr_SetString(PyExc_TypeError, "an attributes encoder must return bytes");
-            rc = -1;
-        }
-        else if (e->json == NULL) {
-            rc = -1;
-        }
+        PyErr_SetString(PyExc_TypeError, "an attributes encoder must return bytes");
+        rc = -1;
     }
-    Py_DECREF(io);
+    Py_DECREF(json);
     return rc;
 }
 
@@ -615,35 +541,32 @@ attribute_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t count = PySequence_Fast_GET_SIZE(records);
     PyObject **items = PySequence_Fast_ITEMS(records);
     PyObject *rows = PyList_New(count);
-    Object o = {{NULL, 0, 0}, NULL, 0, 0, 0};
+    Buffer b = {NULL, 0, 0};
     long long unknown = 0;
     if (rows == NULL)
         goto fail;
     for (Py_ssize_t i = 0; i < count; i++) {
-        Encoded e = {NULL, NULL, NULL, NULL};
-        if (encode_record(&o, items[i], args[1], args[2], &e, &unknown) < 0) {
-            encoded_clear(&e);
-            goto fail;
+        Fields f = {NULL, NULL, NULL, NULL};
+        PyObject *row = NULL;
+        b.len = 0;
+        if (record_fields(items[i], args[1], args[2], &f, &unknown) == 0 &&
+            put_attributes(&b, &f) == 0) {
+            PyObject *json = PyBytes_FromStringAndSize(b.data, b.len);
+            if (json != NULL) {
+                row = PyTuple_Pack(4, f.device_id, f.ts, json, PyTuple_GET_ITEM(f.entry, 1));
+                Py_DECREF(json);
+            }
         }
-        if (e.json == NULL) {
-            e.json = PyBytes_FromStringAndSize(NULL, o.size);
-            if (e.json != NULL)
-                emit(&o, PyBytes_AS_STRING(e.json));
-        }
-        PyObject *row = e.json == NULL
-                            ? NULL
-                            : PyTuple_Pack(4, e.device_id, e.ts, e.json,
-                                           PyTuple_GET_ITEM(e.entry, 1));
-        encoded_clear(&e);
+        fields_clear(&f);
         if (row == NULL)
             goto fail;
         PyList_SET_ITEM(rows, i, row);
     }
-    object_free(&o);
+    PyMem_Free(b.data);
     Py_DECREF(records);
     return Py_BuildValue("(NL)", rows, unknown);
 fail:
-    object_free(&o);
+    PyMem_Free(b.data);
     Py_XDECREF(rows);
     Py_DECREF(records);
     return NULL;
@@ -651,20 +574,29 @@ fail:
 
 static const char COPY_HEADER[19] = "PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 
-/* One position_attributes row of binary COPY data at p: 39 bytes beside its JSON. */
-static char *
-copy_row(char *p, long long device_id, long long ts, Py_ssize_t len, int32_t version)
+/* Bytes of a position_attributes row of binary COPY data beside its JSON: the field
+ * count, then (length, value) for device_id, ts, attributes (json: its text) and
+ * mapping_version. */
+#define ROW_HEAD 30
+#define ROW_OVERHEAD 38
+
+/* A row's fields before its JSON at p (ROW_HEAD bytes; the JSON's length at p + 26). */
+static void
+row_head(char *p, long long device_id, long long ts)
 {
     be16(p, 4);
     be32(p + 2, 8);
     be64(p + 6, (uint64_t)device_id);
     be32(p + 14, 8);
     be64(p + 18, (uint64_t)((ts - PG_EPOCH_MS) * 1000));
-    be32(p + 26, (uint32_t)(len + 1));
-    p[30] = 1; /* jsonb binary format version */
-    be32(p + 31 + len, 4);
-    be32(p + 35 + len, (uint32_t)version);
-    return p + 31;
+}
+
+/* The row's last field after its JSON at p: mapping_version. */
+static void
+row_tail(char *p, int32_t version)
+{
+    be32(p, 4);
+    be32(p + 4, (uint32_t)version);
 }
 
 static int
@@ -686,9 +618,9 @@ row_numbers(PyObject *device_id, PyObject *ts, PyObject *version, long long *d, 
 
 /* attribute_copy_records(records, entries, resolve) -> (bytes, unknown)
  *
- * The binary COPY data of the records' position_attributes rows, written straight from
- * their IO maps (what attribute_copy(attribute_rows(...)[0]) gives, without a bytes
- * object and a tuple per record).
+ * The binary COPY data of the records' position_attributes rows, each JSON written in
+ * place (what attribute_copy(attribute_rows(...)[0]) gives, without a bytes object and a
+ * tuple per record).
  */
 static PyObject *
 attribute_copy_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -704,52 +636,54 @@ attribute_copy_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(records);
     PyObject **items = PySequence_Fast_ITEMS(records);
-    Object o = {{NULL, 0, 0}, NULL, 0, 0, 0};
     Buffer out = {NULL, 0, 0};
     long long unknown = 0;
     if (put(&out, COPY_HEADER, 19) < 0)
         goto fail;
     for (Py_ssize_t i = 0; i < count; i++) {
-        Encoded e = {NULL, NULL, NULL, NULL};
-        long long device_id, ts;
-        int32_t version;
-        if (encode_record(&o, items[i], args[1], args[2], &e, &unknown) < 0 ||
-            row_numbers(e.device_id, e.ts, PyTuple_GET_ITEM(e.entry, 1), &device_id, &ts,
-                        &version) < 0) {
-            encoded_clear(&e);
-            goto fail;
+        Fields f = {NULL, NULL, NULL, NULL};
+        long long device_id = 0, ts = 0;
+        int32_t version = 0;
+        Py_ssize_t head = out.len;
+        int rc = record_fields(items[i], args[1], args[2], &f, &unknown);
+        if (rc == 0)
+            rc = row_numbers(f.device_id, f.ts, PyTuple_GET_ITEM(f.entry, 1), &device_id, &ts,
+                             &version);
+        if (rc == 0)
+            rc = reserve(&out, ROW_HEAD);
+        if (rc == 0) {
+            out.len += ROW_HEAD;
+            rc = put_attributes(&out, &f);
         }
-        Py_ssize_t len = e.json == NULL ? o.size : PyBytes_GET_SIZE(e.json);
-        if (len >= INT32_MAX || reserve(&out, 39 + len) < 0) {
-            if (!PyErr_Occurred())
-                PyErr_SetString(PyExc_OverflowError, "attributes too long");
-            encoded_clear(&e);
-            goto fail;
+        fields_clear(&f);
+        Py_ssize_t len = out.len - head - ROW_HEAD;
+        if (rc == 0 && len >= INT32_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "attributes too long");
+            rc = -1;
         }
-        char *p = copy_row(out.data + out.len, device_id, ts, len, version);
-        if (e.json == NULL)
-            emit(&o, p);
-        else
-            memcpy(p, PyBytes_AS_STRING(e.json), (size_t)len);
-        out.len += 39 + len;
-        encoded_clear(&e);
+        if (rc == 0)
+            rc = reserve(&out, ROW_OVERHEAD - ROW_HEAD);
+        if (rc < 0)
+            goto fail;
+        row_head(out.data + head, device_id, ts);
+        be32(out.data + head + 26, (uint32_t)len);
+        row_tail(out.data + out.len, version);
+        out.len += ROW_OVERHEAD - ROW_HEAD;
     }
     if (put(&out, "\xff\xff", 2) < 0)
         goto fail;
     PyObject *data = PyBytes_FromStringAndSize(out.data, out.len);
-    object_free(&o);
     PyMem_Free(out.data);
     Py_DECREF(records);
     return data == NULL ? NULL : Py_BuildValue("(NL)", data, unknown);
 fail:
-    object_free(&o);
     PyMem_Free(out.data);
     Py_DECREF(records);
     return NULL;
 }
 
 /* attribute_copy(rows) -> bytes: PostgreSQL binary COPY data of position_attributes rows
- * (device_id bigint, ts timestamptz, attributes jsonb, mapping_version integer) from
+ * (device_id bigint, ts timestamptz, attributes json, mapping_version integer) from
  * (device_id, ts ms, JSON bytes, version) tuples; what pgcopy.attribute_rows writes. */
 static PyObject *
 attribute_copy(PyObject *module, PyObject *rows_arg)
@@ -760,7 +694,7 @@ attribute_copy(PyObject *module, PyObject *rows_arg)
         return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(rows);
     PyObject **items = PySequence_Fast_ITEMS(rows);
-    /* The exact size first: 19 bytes of header, 2 of trailer, 39 a row beside its JSON. */
+    /* The exact size first: 19 bytes of header and 2 of trailer, then the rows. */
     Py_ssize_t size = 19 + 2;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *row = items[i];
@@ -776,7 +710,7 @@ attribute_copy(PyObject *module, PyObject *rows_arg)
             Py_DECREF(rows);
             return NULL;
         }
-        size += 39 + len;
+        size += ROW_OVERHEAD + len;
     }
     PyObject *out = PyBytes_FromStringAndSize(NULL, size);
     if (out == NULL) {
@@ -798,9 +732,12 @@ attribute_copy(PyObject *module, PyObject *rows_arg)
         }
         PyObject *json = PyTuple_GET_ITEM(row, 2);
         Py_ssize_t len = PyBytes_GET_SIZE(json);
-        p = copy_row(p, device_id, ts, len, version);
-        memcpy(p, PyBytes_AS_STRING(json), (size_t)len);
-        p += len + 8;
+        row_head(p, device_id, ts);
+        be32(p + 26, (uint32_t)len);
+        memcpy(p + ROW_HEAD, PyBytes_AS_STRING(json), (size_t)len);
+        p += ROW_HEAD + len;
+        row_tail(p, version);
+        p += ROW_OVERHEAD - ROW_HEAD;
     }
     p[0] = p[1] = (char)0xff;
     Py_DECREF(rows);

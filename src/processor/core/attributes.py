@@ -134,7 +134,7 @@ class ModelMapping:
         """What :func:`attribute_rows` encodes this model's IO maps with."""
         if _native is not None and self.native is not None:
             return self.native
-        return lambda io: attributes_json(jsonb_ordered(decode_attributes(io, self)))
+        return lambda io: attributes_json(decode_attributes(io, self))
 
 
 def native_plan(plans: Mapping[int, Plan]) -> NativePlan | None:
@@ -193,22 +193,10 @@ def decode_attributes(io: Mapping[int, IoValue], mapping: ModelMapping) -> dict[
 
 
 def encode_attributes(io: Mapping[int, IoValue], mapping: ModelMapping) -> bytes:
-    """The attributes JSON of one record: its decoded attributes, keys in jsonb order."""
+    """The attributes JSON of one record: ``attributes_json(decode_attributes(io, mapping))``."""
     if _native is not None and mapping.native is not None:
         return _native.encode_attributes(io, mapping.native)
-    return attributes_json(jsonb_ordered(decode_attributes(io, mapping)))
-
-
-def jsonb_ordered(attributes: Mapping[str, object]) -> dict[str, object]:
-    """The attributes with their keys in jsonb's order: shorter first, then bytewise (of
-    the key as JSON writes it). PostgreSQL stores objects in that order; text already in
-    it spares the sort of every stored object."""
-    return dict(sorted(attributes.items(), key=_jsonb_key_order))
-
-
-def _jsonb_key_order(item: tuple[str, object]) -> tuple[int, bytes]:
-    key = encode_json(item[0])
-    return len(key), key
+    return attributes_json(decode_attributes(io, mapping))
 
 
 def attribute_rows(

@@ -26,8 +26,7 @@ import asyncpg
 import orjson
 
 from processor.adapters.mappings import MappingCache
-from processor.core.attributes import ModelMapping, decode_attributes
-from processor.core.jsonenc import attributes_json
+from processor.core.attributes import ModelMapping, encode_attributes
 from processor.core.records import IoValue
 
 DEFAULT_CHUNK: Final = 20_000
@@ -108,8 +107,8 @@ def attribute_rows(
         mapping = mappings.get(device_id)
         if mapping is None:
             mapping = mappings[device_id] = cache.mapping(cache.model_for(device_id))
-        attributes = decode_attributes(stored_io(io), mapping)
-        out.append((device_id, ts, attributes_json(attributes).decode(), mapping.version))
+        text = encode_attributes(stored_io(io), mapping)  # the bytes the live path writes
+        out.append((device_id, ts, text.decode(), mapping.version))
     return out
 
 
@@ -138,14 +137,15 @@ CREATE TEMP TABLE IF NOT EXISTS backfill_stage (
 """
 
 # Only rows whose content differs are written: unchanged ones cost no WAL, and the
-# count is the number of positions whose attributes the new mapping changed.
+# count is the number of positions whose attributes the new mapping changed. Content is
+# compared as jsonb (the same object however its text is spaced or ordered).
 _UPSERT = """
 WITH written AS (
     INSERT INTO position_attributes AS a (device_id, ts, attributes, mapping_version)
-    SELECT device_id, ts, attributes::jsonb, mapping_version FROM backfill_stage
+    SELECT device_id, ts, attributes::json, mapping_version FROM backfill_stage
     ON CONFLICT (device_id, ts) DO UPDATE
     SET attributes = EXCLUDED.attributes, mapping_version = EXCLUDED.mapping_version
-    WHERE a.attributes IS DISTINCT FROM EXCLUDED.attributes
+    WHERE a.attributes::jsonb IS DISTINCT FROM EXCLUDED.attributes::jsonb
        OR a.mapping_version IS DISTINCT FROM EXCLUDED.mapping_version
     RETURNING 1
 )
@@ -155,7 +155,7 @@ SELECT count(*) FROM written
 _DIFFERING = """
 SELECT count(*) FROM backfill_stage s
 LEFT JOIN position_attributes a USING (device_id, ts)
-WHERE a.attributes IS DISTINCT FROM s.attributes::jsonb
+WHERE a.attributes::jsonb IS DISTINCT FROM s.attributes::jsonb
    OR a.mapping_version IS DISTINCT FROM s.mapping_version
 """
 
