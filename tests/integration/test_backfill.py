@@ -14,6 +14,8 @@ import orjson
 import pytest
 
 from processor.adapters.mappings import MappingCache
+from processor.adapters.migrations import migrate
+from processor.settings import Settings
 from processor.tools.backfill import Backfill, BackfillError, BackfillSpec
 
 from ..conftest import reset_race_data
@@ -178,6 +180,39 @@ async def test_an_interrupted_backfill_resumes_after_the_last_chunk_and_ends_the
     again = await backfill(db, spec())  # finished: a rerun starts over, nothing to change
     assert again.summary.resumed_from is None
     assert again.summary.rows_changed == 0
+
+
+async def test_migration_6_turns_stored_jsonb_attributes_into_json_with_the_same_content(
+    db: asyncpg.Connection, settings: Settings
+) -> None:
+    """An existing database: attributes stored as jsonb before migration 6. After it the
+    column is json, every object reads the same, and a backfill with the same mappings
+    finds nothing to change (content compared, not text)."""
+    await backfill(db, spec())
+    stored = await attributes(db)
+    await db.execute("ALTER TABLE position_attributes ALTER COLUMN attributes TYPE jsonb")
+    await db.execute("DELETE FROM processor.schema_migrations WHERE version = 6")
+    try:
+        assert await migrate(db, settings) == ["0006_attributes_json"]
+    finally:  # the session database is shared: json again, whatever happened
+        await db.execute(
+            "ALTER TABLE position_attributes ALTER COLUMN attributes TYPE json"
+            " USING attributes::json"
+        )
+        await db.execute(
+            "INSERT INTO processor.schema_migrations (version, name, checksum)"
+            " SELECT 6, 'attributes_json', 'restored' ON CONFLICT DO NOTHING"
+        )
+    column_type = await db.fetchval(
+        "SELECT data_type FROM information_schema.columns"
+        " WHERE table_name = 'position_attributes' AND column_name = 'attributes'"
+    )
+    assert column_type == "json"
+    assert await attributes(db) == stored
+    text = await db.fetchval("SELECT attributes::text FROM position_attributes LIMIT 1")
+    assert ": " in text  # still the text jsonb wrote, not the encoder's
+    job = await backfill(db, spec())
+    assert (job.summary.rows_seen, job.summary.rows_changed) == (3 * PER_DEVICE, 0)
 
 
 async def test_a_model_without_mappings_or_an_empty_range_is_refused(
