@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pyarrow as pa
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processor.core.contract import decode_entry
@@ -21,6 +21,7 @@ from processor.tools.export_schema import (
     split_by_day,
 )
 
+from ..unit.test_contract import records as contract_records
 from .test_export_helpers import BASE_TS, entry
 
 
@@ -97,6 +98,25 @@ def test_batch_columns_match_the_record_fields_by_name() -> None:
     assert table.column("stream_id").to_pylist() == [r.stream_id for r in records]
     ts = table.column("ts").cast(pa.int64()).to_pylist()
     assert ts == [r.ts for r in records]
+
+
+@settings(deadline=None)
+@given(st.lists(contract_records, min_size=1, max_size=20))
+def test_every_column_holds_the_record_fields_at_their_range_limits(
+    records: list[Record],
+) -> None:
+    batch = records_to_batch(records)
+
+    batch.validate(full=True)
+    assert batch.schema == SCHEMA
+    for field in SCHEMA:
+        column = batch.column(field.name)
+        if pa.types.is_timestamp(field.type):
+            column = column.cast(pa.int64())
+        if field.name == "io":
+            assert column.to_pylist() == [io_json(r.io).decode() for r in records]
+        else:
+            assert column.to_pylist() == [getattr(r, field.name) for r in records], field.name
 
 
 def test_an_empty_batch_has_the_schema() -> None:

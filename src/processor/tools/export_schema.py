@@ -11,6 +11,7 @@ JSON array and cut apart by Arrow (no Python object per text)."""
 from __future__ import annotations
 
 import re
+import struct
 from array import array
 from binascii import a2b_base64, hexlify
 from collections.abc import Mapping, Sequence
@@ -54,11 +55,28 @@ def _build_type(type_: pa.DataType) -> pa.DataType:
     return pa.int64() if pa.types.is_timestamp(type_) else type_
 
 
+# Fixed-width columns without nulls are packed by ``struct`` (little-endian, as Arrow
+# lays them out) straight into the column's data buffer: a third of the time ``pa.array``
+# takes per Python number. Values out of a type's range raise either way.
+_PACKED: Final = {
+    pa.int8(): "b",
+    pa.int16(): "h",
+    pa.int32(): "i",
+    pa.int64(): "q",
+    pa.float64(): "d",
+}
+
+
+def _pack_code(field: pa.Field) -> str | None:
+    return None if field.nullable else _PACKED.get(_build_type(field.type))
+
+
 # Each column's place in a record's fields (``msgspec.structs.astuple`` order): the rows
 # of a chunk are turned into columns by one C-level transposition, ``zip(*tuples)``.
 _FIELD_INDEX: Final = {name: n for n, name in enumerate(Record.__struct_fields__)}
 _COLUMNS: Final = tuple(
-    (field.name, _FIELD_INDEX[field.name], _build_type(field.type), field.type) for field in SCHEMA
+    (field.name, _FIELD_INDEX[field.name], _build_type(field.type), field.type, _pack_code(field))
+    for field in SCHEMA
 )
 _get_io: Final = attrgetter("io")
 _encode: Final = msgspec.json.Encoder().encode
@@ -72,13 +90,18 @@ def records_to_batch(records: Sequence[Record]) -> pa.RecordBatch:
     """One Arrow record batch of ``SCHEMA`` holding ``records`` in order."""
     if not records:
         return _empty_batch()
+    count = len(records)
     fields = list(zip(*map(astuple, records), strict=True))
     arrays: list[pa.Array] = []
-    for name, index, build_type, type_ in _COLUMNS:
+    for name, index, build_type, type_, code in _COLUMNS:
         if name == "io":
             arrays.append(_io_array(fields[index]))
             continue
-        array_ = pa.array(fields[index], type=build_type)
+        if code is None:
+            array_ = pa.array(fields[index], type=build_type)
+        else:
+            data = pa.py_buffer(struct.pack(f"<{count}{code}", *fields[index]))
+            array_ = pa.Array.from_buffers(build_type, count, [None, data])
         arrays.append(array_ if build_type is type_ else array_.view(type_))
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
