@@ -155,6 +155,14 @@ def test_numeric_element_receiving_bytes_is_shown_as_hex(fmb: ModelMapping) -> N
     assert decode_attributes({66: b"\x32\x32"}, fmb) == {"external_voltage": "3232"}
 
 
+def test_a_value_wider_than_its_mapping_says_keeps_all_its_bytes() -> None:
+    # `bytes` = 1 in the mapping, but the device sent two bytes' worth: shown, not raised.
+    text = ModelMapping.build("M", [IoElement(1, "code", 1, encoding="ascii")])
+    binary = ModelMapping.build("M", [IoElement(2, "raw", 1, encoding="hex")])
+    assert decode_attributes({1: 0x4142}, text) == {"code": "AB"}
+    assert decode_attributes({2: 0x1FF}, binary) == {"raw": "01ff"}
+
+
 def test_hex_element_receiving_an_integer_uses_its_byte_size() -> None:
     mapping = ModelMapping.build("X", [IoElement(78, "ibutton", 8, encoding="hex")])
     assert decode_attributes({78: 0x0100000012345678}, mapping) == {"ibutton": "0100000012345678"}

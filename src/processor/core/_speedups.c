@@ -204,8 +204,9 @@ put_decimal(Buffer *b, long long n, int k, int *rc)
         100000000000000LL, 1000000000000000LL,
     };
     unsigned long long u = n < 0 ? 0ULL - (unsigned long long)n : (unsigned long long)n;
-    /* fixed notation needs |n| / 10^k >= 1e-5, i.e. |n| * 10^5 >= 10^k */
-    if (k < 1 || k > 15 || u >= 1000000000000000ULL || (u != 0 && u * 100000ULL < (unsigned long long)pow10[k]))
+    /* fixed notation needs |n| / 10^k >= 1e-5, i.e. |n| >= 10^(k-5) */
+    if (k < 1 || k > 15 || u >= 1000000000000000ULL ||
+        (u != 0 && k > 5 && u < (unsigned long long)pow10[k - 5]))
         return 0;
     char text[48];
     char *end = text + sizeof text;

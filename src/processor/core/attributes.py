@@ -266,8 +266,9 @@ def _as_bytes(value: IoValue, size: int) -> bytes:
     if type(value) is bytes:
         return value
     assert isinstance(value, int)
-    length = size if size > 0 else max(1, (value.bit_length() + 7) // 8)
-    return value.to_bytes(length, "big")
+    # Padded to the element's size; a value wider than the mapping says (a mapping row
+    # with too small a `bytes`) keeps all its bytes rather than failing the batch.
+    return value.to_bytes(max(size, 1, (value.bit_length() + 7) // 8), "big")
 
 
 def _ascii_decoder(size: int) -> Decoder:
