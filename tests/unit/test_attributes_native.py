@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processor.adapters import pgcopy
+from processor.adapters.mappings import DECODE_ERRORS, MappingCache, MappingSet
 from processor.adapters.reference import read_io_csv
 from processor.core import attributes as attrs
 from processor.core.attributes import (
@@ -192,3 +193,31 @@ def test_the_python_fallback_gives_the_same_rows(monkeypatch: pytest.MonkeyPatch
     assert attrs.encode_attributes(batch[0].io, mapping) == native_json(batch[0].io, mapping)
     fallback = pgcopy.attribute_copy_records(batch, {}, entries_for(mapping, mapping.encoder()))
     assert fallback == built
+
+
+def test_a_decoder_failing_on_a_record_keeps_its_raw_io_and_the_rest_decoded() -> None:
+    """Attributes are derived: a mapping that fails on one record costs neither that
+    position nor the other records' decoding (with either encoder)."""
+
+    def fussy(raw: IoValue) -> int:
+        if raw == 13:
+            raise ValueError("unlucky")
+        return int(raw) * 2  # type: ignore[arg-type]
+
+    plans = {1: ("doubled", attrs.CALL, fussy)}
+    mapping = ModelMapping("M", {}, 77, plans, attrs.native_plan(plans))
+    cache = MappingCache("M", 60.0)
+    cache.current = MappingSet({"M": mapping}, {}, "f")
+    batch = records(3)
+    for record, value in zip(batch, (1, 13, 2), strict=True):
+        record.io = {1: value, 5: 6}
+    raw_version = ModelMapping.build("M", ()).version
+    expected = [
+        (batch[0].device_id, batch[0].ts, b'{"doubled":2,"5":6}', 77),
+        (batch[1].device_id, batch[1].ts, b'{"1":13,"5":6}', raw_version),
+        (batch[2].device_id, batch[2].ts, b'{"doubled":4,"5":6}', 77),
+    ]
+    errors = DECODE_ERRORS._value.get()
+    assert cache.rows(batch) == expected
+    assert cache.copy_data(batch) == pgcopy.attribute_rows_py(expected)
+    assert DECODE_ERRORS._value.get() == errors + 2

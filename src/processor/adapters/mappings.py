@@ -21,6 +21,7 @@ import orjson
 from prometheus_client import Counter
 
 from processor.adapters.pgcopy import attribute_copy_records
+from processor.adapters.pgcopy import attribute_rows as pgcopy_rows
 from processor.core.attributes import (
     NATIVE,
     AttributeRow,
@@ -28,6 +29,7 @@ from processor.core.attributes import (
     IoElement,
     ModelMapping,
     attribute_rows,
+    raw_attributes,
 )
 from processor.core.records import Record
 from processor.logs import get_logger
@@ -44,6 +46,10 @@ UNKNOWN_DEVICE_RECORDS: Final = Counter(
 UNKNOWN_DEVICES: Final = Counter(
     "processor_attributes_unknown_devices",
     "Devices not in the devices table, counted once each per process.",
+)
+DECODE_ERRORS: Final = Counter(
+    "processor_attributes_decode_errors",
+    "Records whose IO mapping failed to decode them; stored with their raw IO as attributes.",
 )
 MAPPING_RELOADS: Final = Counter(
     "processor_attributes_mapping_reloads", "Reloads of the IO mappings after a change."
@@ -165,17 +171,53 @@ class MappingCache:
 
         ``count``: count the records of unknown devices (False when decoding them again).
         """
-        out, unknown = attribute_rows(records, self._device_entries(), self._entry)
+        try:
+            out, unknown = attribute_rows(records, self._device_entries(), self._entry)
+        except Exception:  # noqa: BLE001 - a mapping failing on a record: see below
+            out, unknown = self._rows_one_by_one(records)
         if unknown and count:
             UNKNOWN_DEVICE_RECORDS.inc(unknown)
         return out
 
     def copy_data(self, records: Sequence[Record]) -> bytes:
         """The records' ``position_attributes`` rows as binary COPY data, in one pass."""
-        data, unknown = attribute_copy_records(records, self._device_entries(), self._entry)
+        try:
+            data, unknown = attribute_copy_records(records, self._device_entries(), self._entry)
+        except Exception:  # noqa: BLE001 - a mapping failing on a record: see below
+            rows, unknown = self._rows_one_by_one(records)
+            data = pgcopy_rows(rows)
         if unknown:
             UNKNOWN_DEVICE_RECORDS.inc(unknown)
         return data
+
+    def _rows_one_by_one(self, records: Sequence[Record]) -> tuple[list[AttributeRow], int]:
+        """Rows record by record: a record its mapping fails on gets its raw IO instead.
+
+        Attributes are derived data and must never cost a position: such a record is
+        stored, its attributes are the IO elements under their ids (as for a model without
+        mappings, with that empty mapping's version, so a backfill after the mapping is
+        fixed finds it), and the failure is counted and logged.
+        """
+        entries = self._device_entries()
+        out: list[AttributeRow] = []
+        unknown = 0
+        for record in records:
+            try:
+                rows, missing = attribute_rows([record], entries, self._entry)
+            except Exception as exc:  # noqa: BLE001 - any decoder bug: the position is kept
+                raw = ModelMapping.build(self.model_for(record.device_id), ())
+                rows = [(record.device_id, record.ts, raw_attributes(record.io), raw.version)]
+                missing = record.device_id not in self.current.devices
+                DECODE_ERRORS.inc()
+                log.error(
+                    "attributes not decoded, raw IO kept",
+                    imei=record.device_id,
+                    model=raw.model,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            out.extend(rows)
+            unknown += missing
+        return out, unknown
 
     def _device_entries(self) -> dict[int, DeviceEntry]:
         if self._entries_of is not self.current or len(self._entries) > _MAX_DEVICE_ENTRIES:

@@ -199,6 +199,11 @@ def encode_attributes(io: Mapping[int, IoValue], mapping: ModelMapping) -> bytes
     return attributes_json(decode_attributes(io, mapping))
 
 
+def raw_attributes(io: Mapping[int, IoValue]) -> bytes:
+    """The attributes JSON of an IO map decoded with no mapping: every element raw."""
+    return attributes_json(decode_attributes(io, _NO_MAPPING))
+
+
 def attribute_rows(
     records: Sequence[Record],
     entries: dict[int, DeviceEntry],
@@ -234,6 +239,9 @@ def attribute_rows_py(
             raise TypeError("a native plan needs the C encoder")
         rows.append((device_id, record.ts, encoder(record.io), version))
     return rows, unknown
+
+
+_NO_MAPPING: Final = ModelMapping.build("", ())
 
 
 def compile_plan(element: IoElement) -> Plan:
