@@ -103,12 +103,18 @@ async def kill_after_progress(
     moment: float | None,
     log: Path,
     out: Path,
+    target: int,
 ) -> int:
-    """Wait for acknowledged progress, then SIGKILL ``moment`` s later or right after a rename."""
+    """Wait for acknowledged progress up to ``target`` entries at least, then SIGKILL
+    ``moment`` s later or right after a rename.
+
+    The kills are spread over the stream by ``target`` rather than by time alone, so that
+    however fast the exporter is, the last one still lands before the stream is drained.
+    """
     before = await acknowledged(client, settings)
-    while await acknowledged(client, settings) <= before:
+    while (done := await acknowledged(client, settings)) <= before or done < target:
         assert proc.poll() is None, tail(log)
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.005)
     if moment is None:
         await after_a_rename(out)
     else:
@@ -135,10 +141,14 @@ async def test_sigkill_at_random_points_leaves_every_record_exactly_once(
     for n in range(KILLS):
         # Runs alternate between decoding in process and in two worker processes.
         proc = start(settings, out, log, workers=2 * (n // 2 % 2))
-        # Odd kills aim at the window between rename and XACK; even ones land anywhere.
-        moment = None if n % 2 else rng.uniform(0.0, 0.8)
+        # Odd kills aim at the window between rename and XACK; even ones land anywhere
+        # (a tenth of a second: at most some 30,000 entries even at full speed).
+        moment = None if n % 2 else rng.uniform(0.0, 0.1)
+        target = (n + 1) * TOTAL // (KILLS + 2)
         try:
-            progress.append(await kill_after_progress(aredis, settings, proc, moment, log, out))
+            progress.append(
+                await kill_after_progress(aredis, settings, proc, moment, log, out, target)
+            )
         finally:
             if proc.poll() is None:
                 proc.kill()
