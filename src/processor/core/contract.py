@@ -190,10 +190,20 @@ def _decode_run(
     io_lens = list(map(len, ios))
     if max(io_lens) > max_io:
         return None
-    # Sentinels: as in _decode, each "{" beyond a payload's own two may be one.
-    sentinels = text.count(b"{") - 2 * count
-    if sentinels and not _decode_run_sentinels(payloads, ios):
-        return None
+    # Sentinels: as in _decode, each "{" beyond a payload's own two may be one. Counted
+    # entry by entry when the first entry has some (a stream that carries them), else
+    # over the whole run first.
+    braces: list[int] | None = None
+    if payloads[0].count(b"{") > 2:
+        braces = list(map(bytes.count, payloads, repeat(b"{")))
+        sentinels = sum(braces) - 2 * count
+    else:
+        sentinels = text.count(b"{") - 2 * count
+    if sentinels:
+        if braces is None:
+            braces = list(map(bytes.count, payloads, repeat(b"{")))
+        if not _decode_run_sentinels(braces, ios):
+            return None
     # The duplicate-key check of _has_duplicate_keys, summed over the run: an entry's
     # colons are never fewer than the keys it is counted to have, so the sums are equal
     # only when every entry's are (then none repeats a key); otherwise one by one.
@@ -220,11 +230,12 @@ def _identities(imeis: Sequence[bytes]) -> list[tuple[str, int]] | None:
     return identities
 
 
-def _decode_run_sentinels(payloads: Sequence[bytes], ios: list[dict[int, Any]]) -> bool:
-    """:func:`_decode_io` of each payload's IO map that may hold sentinels, in place;
-    False when one is bad (its entry is then decoded alone, which names the reason)."""
-    for io, braces in zip(ios, map(bytes.count, payloads, repeat(b"{")), strict=True):
-        most = braces - 2
+def _decode_run_sentinels(braces: list[int], ios: list[dict[int, Any]]) -> bool:
+    """:func:`_decode_io` of each IO map whose payload has ``braces`` "{" (more than two:
+    it may hold sentinels), in place; False when one is bad (its entry is then decoded
+    alone, which names the reason)."""
+    for io, found in zip(ios, braces, strict=True):
+        most = found - 2
         if most <= 0:
             continue
         for key, value in reversed(io.items()):
