@@ -522,6 +522,17 @@ put_attributes(Buffer *b, Fields *f)
     return rc;
 }
 
+/* The records of a (records, entries: dict, resolve) call as a fast sequence. */
+static PyObject *
+records_argument(PyObject *const *args, Py_ssize_t nargs, const char *function)
+{
+    if (nargs != 3 || !PyDict_Check(args[1])) {
+        PyErr_Format(PyExc_TypeError, "%s(records, entries: dict, resolve)", function);
+        return NULL;
+    }
+    return PySequence_Fast(args[0], "records must be a sequence");
+}
+
 /* attribute_rows(records, entries, resolve) -> (rows, unknown)
  *
  * For each record, the row (device_id, ts, attributes JSON, mapping version) of
@@ -532,11 +543,7 @@ static PyObject *
 attribute_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3 || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "attribute_rows(records, entries: dict, resolve)");
-        return NULL;
-    }
-    PyObject *records = PySequence_Fast(args[0], "records must be a sequence");
+    PyObject *records = records_argument(args, nargs, "attribute_rows");
     if (records == NULL)
         return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(records);
@@ -627,12 +634,7 @@ static PyObject *
 attribute_copy_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3 || !PyDict_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "attribute_copy_records(records, entries: dict, resolve)");
-        return NULL;
-    }
-    PyObject *records = PySequence_Fast(args[0], "records must be a sequence");
+    PyObject *records = records_argument(args, nargs, "attribute_copy_records");
     if (records == NULL)
         return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(records);
