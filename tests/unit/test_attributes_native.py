@@ -96,7 +96,7 @@ def test_division_by_a_power_of_ten_is_written_as_repr_would(value: int, divisor
     "value", [1e16, 1.5e16, 1e-7, 1.5e-5, 1e-5, 9.99e-6, 0.0001, 12.0, float("inf"), -0.0]
 )
 def test_floats_are_written_as_msgspec_writes_them(value: float) -> None:
-    plan = {1: (b'"v":', attrs.CALL, lambda raw: value)}
+    plan = native.compile({1: (b'"v":', attrs.CALL, lambda raw: value)})
     assert native.encode_attributes({1: 0}, plan) == attributes_json({"v": value})
 
 
@@ -121,6 +121,23 @@ def test_keys_come_in_the_io_order() -> None:
     assert list(orjson.loads(text)) == ["b", "speed", "77", "ab", "aa"]
 
 
+def test_plans_the_encoder_cannot_take_are_refused_at_compile_time() -> None:
+    with pytest.raises(TypeError):
+        native.compile({1: ("not bytes", attrs.IDENTITY, None)})
+    with pytest.raises(ValueError, match="kind"):
+        native.compile({1: (b'"v":', 9, None)})
+    with pytest.raises(TypeError):
+        native.encode_attributes({1: 0}, {1: (b'"v":', attrs.IDENTITY, None)})  # not compiled
+
+
+def test_labels_beyond_the_array_are_looked_up_in_their_dict() -> None:
+    mapping = ModelMapping.build(
+        "M", [IoElement(1, "code", 4, labels={5: "five", 70_000: "far"}), IoElement(2, "x")]
+    )
+    for value in (5, 6, 70_000, 70_001, 2**40):
+        assert native_json({1: value, 2: 1}, mapping) == python_json({1: value, 2: 1}, mapping)
+
+
 def test_names_an_unknown_id_could_repeat_keep_the_python_path() -> None:
     assert ModelMapping.build("M", [IoElement(1, "21")]).native is None
     assert ModelMapping.build("M", [IoElement(1, "x"), IoElement(2, "x")]).native is None
@@ -131,7 +148,7 @@ def test_a_failing_decoder_raises_through_the_encoder() -> None:
         raise ValueError("broken decoder")
 
     with pytest.raises(ValueError, match="broken decoder"):
-        native.encode_attributes({1: 0}, {1: (b'"v":', attrs.CALL, broken)})
+        native.encode_attributes({1: 0}, native.compile({1: (b'"v":', attrs.CALL, broken)}))
 
 
 def records(count: int) -> list[Record]:

@@ -191,6 +191,12 @@ put_float(Buffer *b, double d)
     return rc;
 }
 
+static const long long POW10[] = {
+    1LL, 10LL, 100LL, 1000LL, 10000LL, 100000LL, 1000000LL, 10000000LL, 100000000LL,
+    1000000000LL, 10000000000LL, 100000000000LL, 1000000000000LL, 10000000000000LL,
+    100000000000000LL, 1000000000000000LL,
+};
+
 /* n / 10^k written as put_float writes the double nearest to it, without converting:
  * with at most 15 significant digits the exact decimal is the shortest that reads back
  * as that double (doubles keep 15 decimal digits apart), so its digits are repr's.
@@ -198,20 +204,15 @@ put_float(Buffer *b, double d)
 static int
 put_decimal(Buffer *b, long long n, int k, int *rc)
 {
-    static const long long pow10[] = {
-        1LL, 10LL, 100LL, 1000LL, 10000LL, 100000LL, 1000000LL, 10000000LL, 100000000LL,
-        1000000000LL, 10000000000LL, 100000000000LL, 1000000000000LL, 10000000000000LL,
-        100000000000000LL, 1000000000000000LL,
-    };
     unsigned long long u = n < 0 ? 0ULL - (unsigned long long)n : (unsigned long long)n;
     /* fixed notation needs |n| / 10^k >= 1e-5, i.e. |n| >= 10^(k-5) */
     if (k < 1 || k > 15 || u >= 1000000000000000ULL ||
-        (u != 0 && k > 5 && u < (unsigned long long)pow10[k - 5]))
+        (u != 0 && k > 5 && u < (unsigned long long)POW10[k - 5]))
         return 0;
     char text[48];
     char *end = text + sizeof text;
-    unsigned long long whole = u / (unsigned long long)pow10[k];
-    unsigned long long frac = u % (unsigned long long)pow10[k];
+    unsigned long long whole = u / (unsigned long long)POW10[k];
+    unsigned long long frac = u % (unsigned long long)POW10[k];
     char *p = end;
     int width = k;
     while (frac != 0 && frac % 10 == 0) { /* trailing zeros go */
@@ -315,33 +316,25 @@ put_value(Buffer *b, PyObject *v)
 }
 
 static int
-put_divided(Buffer *b, PyObject *value, PyObject *divisor)
+put_divided(Buffer *b, PyObject *value, PyObject *divisor, int tens)
 {
     int overflow = 0;
     long long n = PyLong_AsLongLongAndOverflow(value, &overflow);
     if (n == -1 && PyErr_Occurred())
         return -1;
+    int rc = 0;
+    if (!overflow && tens > 0 && put_decimal(b, n, tens, &rc))
+        return rc;
     long long d = PyLong_AsLongLong(divisor);
-    if (d == -1 && PyErr_Occurred()) {
+    if (d == -1 && PyErr_Occurred())
         PyErr_Clear();
-    }
-    else if (!overflow && d > 1) {
-        int k = 0, rc = 0;
-        long long t = d;
-        while (t % 10 == 0) {
-            t /= 10;
-            k++;
-        }
-        if (t == 1 && put_decimal(b, n, k, &rc))
-            return rc;
-    }
-    if (!overflow && n <= EXACT_DOUBLE && n >= -EXACT_DOUBLE && d > 0 && d <= EXACT_DOUBLE)
+    else if (!overflow && n <= EXACT_DOUBLE && n >= -EXACT_DOUBLE && d > 0 && d <= EXACT_DOUBLE)
         /* Both exact as doubles: one IEEE division is correctly rounded, as Python's. */
         return put_float(b, (double)n / (double)d);
     PyObject *quotient = PyNumber_TrueDivide(value, divisor);
     if (quotient == NULL)
         return -1;
-    int rc = put_value(b, quotient);
+    rc = put_value(b, quotient);
     Py_DECREF(quotient);
     return rc;
 }
@@ -355,31 +348,194 @@ put_raw_key(Buffer *b, PyObject *io_id)
     return put(b, "\":", 2);
 }
 
+/* A compiled plan: the plan dict's elements in an open-addressing table keyed by IO id,
+ * with their kinds, divisors and small enum labels unpacked, so that an element costs no
+ * dict lookup and no int conversion. It keeps the dict (which owns every object it
+ * points to) alive. */
+typedef struct {
+    long io_id;
+    int used;
+    int kind;
+    int tens;              /* DIVIDE by 10^tens (0: another divisor) */
+    PyObject *key;         /* '"name":' */
+    PyObject *arg;         /* the plan's argument: labels dict, divisor, decoder */
+    PyObject **labels;     /* LABELS: labels[value] for values below n_labels, or NULL */
+    Py_ssize_t n_labels;   /* 0: look labels up in the dict */
+} Slot;
+
+typedef struct {
+    Slot *slots;
+    size_t mask;
+    PyObject *source;
+} Compiled;
+
+#define MAX_LABEL_INDEX 1024
+static const char CAPSULE[] = "processor.core._speedups.plan";
+
+static void
+compiled_free(PyObject *capsule)
+{
+    Compiled *c = PyCapsule_GetPointer(capsule, CAPSULE);
+    if (c == NULL)
+        return;
+    if (c->slots != NULL)
+        for (size_t i = 0; i <= c->mask; i++)
+            PyMem_Free(c->slots[i].labels);
+    PyMem_Free(c->slots);
+    Py_XDECREF(c->source);
+    PyMem_Free(c);
+}
+
+static inline size_t
+slot_of(const Compiled *c, long io_id)
+{
+    return ((size_t)io_id * 0x9E3779B97F4A7C15ULL >> 17) & c->mask;
+}
+
+static Slot *
+find(const Compiled *c, long io_id)
+{
+    for (size_t i = slot_of(c, io_id);; i = (i + 1) & c->mask) {
+        Slot *slot = &c->slots[i];
+        if (!slot->used)
+            return NULL;
+        if (slot->io_id == io_id)
+            return slot;
+    }
+}
+
+/* Labels keyed by small non-negative values as an array (values are unsigned). */
+static int
+unpack_labels(Slot *slot)
+{
+    PyObject *key, *label;
+    Py_ssize_t pos = 0;
+    long top = -1;
+    while (PyDict_Next(slot->arg, &pos, &key, &label)) {
+        long value = PyLong_Check(key) ? PyLong_AsLong(key) : -1;
+        if (value == -1 && PyErr_Occurred())
+            PyErr_Clear();
+        if (value >= MAX_LABEL_INDEX || !PyBytes_Check(label))
+            return 0; /* stays a dict lookup */
+        if (value > top)
+            top = value;
+    }
+    slot->n_labels = top + 1;
+    if (slot->n_labels == 0)
+        return 0;
+    slot->labels = PyMem_Calloc((size_t)slot->n_labels, sizeof(PyObject *));
+    if (slot->labels == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    pos = 0;
+    while (PyDict_Next(slot->arg, &pos, &key, &label)) {
+        long value = PyLong_AsLong(key);
+        if (value >= 0)
+            slot->labels[value] = label;
+    }
+    return 0;
+}
+
+/* compile(plan: dict) -> capsule: the plan of native_plan() made ready for the encoder. */
+static PyObject *
+compile_plan(PyObject *module, PyObject *plan)
+{
+    (void)module;
+    if (!PyDict_Check(plan)) {
+        PyErr_SetString(PyExc_TypeError, "compile(plan): plan must be a dict");
+        return NULL;
+    }
+    Compiled *c = PyMem_Calloc(1, sizeof(Compiled));
+    if (c == NULL)
+        return PyErr_NoMemory();
+    size_t capacity = 8;
+    while (capacity < (size_t)PyDict_GET_SIZE(plan) * 2)
+        capacity *= 2;
+    c->mask = capacity - 1;
+    c->slots = PyMem_Calloc(capacity, sizeof(Slot));
+    Py_INCREF(plan);
+    c->source = plan;
+    PyObject *capsule = c->slots == NULL ? NULL : PyCapsule_New(c, CAPSULE, compiled_free);
+    if (capsule == NULL) {
+        if (c->slots == NULL)
+            PyErr_NoMemory();
+        PyMem_Free(c->slots);
+        Py_DECREF(plan);
+        PyMem_Free(c);
+        return NULL;
+    }
+    PyObject *io_id, *element;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(plan, &pos, &io_id, &element)) {
+        long id = PyLong_Check(io_id) ? PyLong_AsLong(io_id) : -1;
+        if (id == -1 && PyErr_Occurred())
+            goto fail;
+        if (!PyTuple_Check(element) || PyTuple_GET_SIZE(element) != 3 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(element, 0)) || !PyLong_Check(io_id) ||
+            id == -1) {
+            PyErr_SetString(PyExc_TypeError,
+                            "a plan maps IO ids (non-negative) to (b'\"name\":', kind, arg)");
+            goto fail;
+        }
+        long kind = PyLong_AsLong(PyTuple_GET_ITEM(element, 1));
+        if (kind < IDENTITY || kind > CALL) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "unknown plan kind %ld", kind);
+            goto fail;
+        }
+        size_t i = slot_of(c, id);
+        while (c->slots[i].used)
+            i = (i + 1) & c->mask;
+        Slot *slot = &c->slots[i];
+        slot->used = 1;
+        slot->io_id = id;
+        slot->kind = (int)kind;
+        slot->key = PyTuple_GET_ITEM(element, 0);
+        slot->arg = PyTuple_GET_ITEM(element, 2);
+        if (kind == LABELS && (!PyDict_Check(slot->arg) || unpack_labels(slot) < 0)) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "LABELS takes a dict of labels");
+            goto fail;
+        }
+        if (kind == DIVIDE) {
+            long long d = PyLong_Check(slot->arg) ? PyLong_AsLongLong(slot->arg) : -1;
+            if (d == -1 && PyErr_Occurred())
+                PyErr_Clear();
+            for (int k = 1; k <= 15 && d > 1; k++)
+                if (d == POW10[k])
+                    slot->tens = k;
+        }
+    }
+    return capsule;
+fail:
+    Py_DECREF(capsule);
+    return NULL;
+}
+
+static Compiled *
+compiled_of(PyObject *plan)
+{
+    return PyCapsule_CheckExact(plan) ? PyCapsule_GetPointer(plan, CAPSULE) : NULL;
+}
+
 /* One IO element as its member "key":value at the end of the buffer. */
 static int
-put_member(Buffer *b, PyObject *io_id, PyObject *value, PyObject *plan)
+put_member(Buffer *b, PyObject *io_id, PyObject *value, const Compiled *c)
 {
-    PyObject *element = PyDict_GetItemWithError(plan, io_id);
-    if (element == NULL) {
-        if (PyErr_Occurred() || put_raw_key(b, io_id) < 0)
+    long id = PyLong_AsLong(io_id);
+    if (id == -1 && PyErr_Occurred())
+        PyErr_Clear(); /* not a plan's id: kept raw */
+    Slot *slot = id == -1 ? NULL : find(c, id);
+    if (slot == NULL) {
+        if (put_raw_key(b, io_id) < 0)
             return -1;
         return PyBytes_Check(value) ? put_hex(b, value) : put_value(b, value);
     }
-    if (!PyTuple_Check(element) || PyTuple_GET_SIZE(element) != 3) {
-        PyErr_SetString(PyExc_TypeError, "a plan element must be (key, kind, arg)");
+    if (put(b, PyBytes_AS_STRING(slot->key), PyBytes_GET_SIZE(slot->key)) < 0)
         return -1;
-    }
-    PyObject *key = PyTuple_GET_ITEM(element, 0);
-    long kind = PyLong_AsLong(PyTuple_GET_ITEM(element, 1));
-    PyObject *arg = PyTuple_GET_ITEM(element, 2);
-    if (!PyBytes_Check(key)) {
-        PyErr_SetString(PyExc_TypeError, "a plan key must be bytes: '\"name\":'");
-        return -1;
-    }
-    if (put(b, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)) < 0)
-        return -1;
-    if (kind == CALL) {
-        PyObject *decoded = PyObject_CallOneArg(arg, value);
+    if (slot->kind == CALL) {
+        PyObject *decoded = PyObject_CallOneArg(slot->arg, value);
         if (decoded == NULL)
             return -1;
         int rc = put_value(b, decoded);
@@ -388,27 +544,35 @@ put_member(Buffer *b, PyObject *io_id, PyObject *value, PyObject *plan)
     }
     if (PyBytes_Check(value))
         return put_hex(b, value);
-    if (kind == IDENTITY)
+    if (slot->kind == IDENTITY)
         return put_value(b, value);
-    if (kind == LABELS) {
-        PyObject *label = PyDict_GetItemWithError(arg, value);
+    if (slot->kind == LABELS) {
+        PyObject *label;
+        if (slot->n_labels > 0) {
+            long raw = PyLong_Check(value) ? PyLong_AsLong(value) : -1;
+            if (raw == -1 && PyErr_Occurred())
+                PyErr_Clear();
+            label = raw >= 0 && raw < slot->n_labels ? slot->labels[raw] : NULL;
+        }
+        else {
+            label = PyDict_GetItemWithError(slot->arg, value);
+            if (label == NULL && PyErr_Occurred())
+                return -1;
+        }
         if (label != NULL && PyBytes_Check(label))
             return put(b, PyBytes_AS_STRING(label), PyBytes_GET_SIZE(label));
-        return PyErr_Occurred() ? -1 : put_value(b, value);
+        return put_value(b, value);
     }
-    if (kind == DIVIDE)
-        return put_divided(b, value, arg);
-    PyErr_Format(PyExc_ValueError, "unknown plan kind %ld", kind);
-    return -1;
+    return put_divided(b, value, slot->arg, slot->tens);
 }
 
 /* The attributes JSON object of one IO map, appended to the buffer: one member per
  * element, in the map's order. */
 static int
-put_object(Buffer *b, PyObject *io, PyObject *plan)
+put_object(Buffer *b, PyObject *io, const Compiled *c)
 {
-    if (!PyDict_Check(io) || !PyDict_Check(plan)) {
-        PyErr_SetString(PyExc_TypeError, "io and plan must be dicts");
+    if (!PyDict_Check(io)) {
+        PyErr_SetString(PyExc_TypeError, "io must be a dict");
         return -1;
     }
     if (put_char(b, '{') < 0)
@@ -417,7 +581,7 @@ put_object(Buffer *b, PyObject *io, PyObject *plan)
     PyObject *io_id, *value;
     int first = 1;
     while (PyDict_Next(io, &pos, &io_id, &value)) {
-        if ((!first && put_char(b, ',') < 0) || put_member(b, io_id, value, plan) < 0)
+        if ((!first && put_char(b, ',') < 0) || put_member(b, io_id, value, c) < 0)
             return -1;
         first = 0;
     }
@@ -432,9 +596,14 @@ encode_attributes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "encode_attributes(io, plan) takes 2 arguments");
         return NULL;
     }
+    const Compiled *c = compiled_of(args[1]);
+    if (c == NULL) {
+        PyErr_SetString(PyExc_TypeError, "encode_attributes(io, plan): plan from compile()");
+        return NULL;
+    }
     Buffer b = {NULL, 0, 0};
     PyObject *out = NULL;
-    if (put_object(&b, args[0], args[1]) == 0)
+    if (put_object(&b, args[0], c) == 0)
         out = PyBytes_FromStringAndSize(b.data, b.len);
     PyMem_Free(b.data);
     return out;
@@ -505,8 +674,9 @@ static int
 put_attributes(Buffer *b, Fields *f)
 {
     PyObject *plan = PyTuple_GET_ITEM(f->entry, 0);
-    if (PyDict_Check(plan))
-        return put_object(b, f->io, plan);
+    const Compiled *c = compiled_of(plan);
+    if (c != NULL)
+        return put_object(b, f->io, c);
     PyObject *json = PyObject_CallOneArg(plan, f->io);
     if (json == NULL)
         return -1;
@@ -752,6 +922,8 @@ static PyMethodDef methods[] = {
      "encode_attributes(io, plan) -> bytes: the attributes JSON of one record."},
     {"attribute_rows", (PyCFunction)(void (*)(void))attribute_rows, METH_FASTCALL,
      "attribute_rows(records, entries, resolve) -> (rows, unknown)."},
+    {"compile", compile_plan, METH_O,
+     "compile(plan) -> capsule: a native_plan() dict made ready for the encoder."},
     {"attribute_copy_records", (PyCFunction)(void (*)(void))attribute_copy_records,
      METH_FASTCALL, "attribute_copy_records(records, entries, resolve) -> (bytes, unknown)."},
     {"attribute_copy", attribute_copy, METH_O,

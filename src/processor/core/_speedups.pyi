@@ -5,9 +5,8 @@ from typing import Any
 
 from processor.core.records import IoValue, Record
 
-def encode_attributes(
-    io: Mapping[int, IoValue], plan: Mapping[int, tuple[bytes, int, Any]]
-) -> bytes: ...
+def compile(plan: Mapping[int, tuple[bytes, int, Any]]) -> object: ...
+def encode_attributes(io: Mapping[int, IoValue], plan: object) -> bytes: ...
 def attribute_rows(
     records: Sequence[Record],
     entries: dict[int, Any],

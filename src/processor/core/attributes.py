@@ -49,8 +49,8 @@ LABELS: Final = 1  # unsigned number with enum labels, no scaling
 DIVIDE: Final = 2  # unsigned number divided by an integer (multiplier 0.1, 0.001, …)
 CALL: Final = 3  # anything else: a compiled decoder function
 Plan = tuple[str, int, Any]
-# A plan for the C encoder: {io_id: (b'"name":', kind, argument)} (see native_plan).
-NativePlan = dict[int, tuple[bytes, int, Any]]
+# A plan compiled for the C encoder (an opaque capsule, see native_plan).
+NativePlan = object
 # A device's entry for attribute_rows: the native plan (or a Python encoder of an IO
 # map), the mapping version, and whether the device is in ``devices``.
 Encoder = Callable[[Mapping[int, IoValue]], bytes]
@@ -120,7 +120,7 @@ class ModelMapping:
     elements: Mapping[int, IoElement]
     version: int
     plans: Mapping[int, Plan]
-    native: NativePlan | None = None  # None: names that need the dict semantics (see below)
+    native: NativePlan | None = None  # None: not built with C, or see native_plan
 
     @classmethod
     def build(cls, model: str, elements: Iterable[IoElement]) -> ModelMapping:
@@ -138,22 +138,28 @@ class ModelMapping:
 
 
 def native_plan(plans: Mapping[int, Plan]) -> NativePlan | None:
-    """The plans as the C encoder takes them, or None if its output could differ.
+    """The plans compiled for the C encoder, or None (built without it, or its output
+    could differ).
 
     The encoder writes one JSON member per IO element, where the Python path assigns into
     a dict: two elements of one name, or a name that an unknown IO id's number could
-    repeat, would give a repeated key there and one key here.
+    repeat, would give a repeated key there and one key here. Its plan is
+    ``{io_id: (b'"name":', kind, argument)}``, enum labels as JSON texts.
     """
+    if _native is None:
+        return None
     names = [name for name, _, _ in plans.values()]
     if len(set(names)) != len(names) or any(_NUMERIC.fullmatch(name) for name in names):
         return None
-    native: NativePlan = {}
+    if any(not 0 <= io_id < 2**31 for io_id in plans):  # ids the encoder's table takes
+        return None
+    native: dict[int, tuple[bytes, int, Any]] = {}
     for io_id, (name, kind, arg) in plans.items():
         labels = (
             {value: encode_json(label) for value, label in arg.items()} if kind == LABELS else None
         )
         native[io_id] = (encode_json(name) + b":", kind, arg if labels is None else labels)
-    return native
+    return _native.compile(native)
 
 
 _NUMERIC: Final = re.compile(r"-?[0-9]+")
@@ -235,7 +241,7 @@ def attribute_rows_py(
         encoder, version, known = entry
         if not known:
             unknown += 1
-        if isinstance(encoder, dict):  # ModelMapping.encoder gives these only when built
+        if not callable(encoder):  # ModelMapping.encoder gives plans only when built
             raise TypeError("a native plan needs the C encoder")
         rows.append((device_id, record.ts, encoder(record.io), version))
     return rows, unknown
