@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processor.core.contract import decode_entry, decode_run
+from processor.core.pipeline import _decode_run
 from processor.core.records import Record
 
 from ..faults.hostile import generate
@@ -127,3 +128,14 @@ def test_encoded_records_decode_at_once_to_themselves(run: list[Record]) -> None
 def test_run_lengths_must_agree() -> None:
     with pytest.raises(ValueError, match="differ in length"):
         decode_run([STREAM_ID], [b"1"], [], [b"{}"])
+
+
+def test_the_pipeline_decodes_a_run_only_when_every_entry_has_exactly_the_three_fields() -> None:
+    run = [(f"1-{n}", valid(n)) for n in range(20)]
+    records = _decode_run(run, 65_536, 512)
+    assert records == [decode_entry(sid, fields) for sid, fields in run]
+    extra = [*run[:5], ("1-99", valid(99) | {b"x": b"1"}), *run[5:]]
+    renamed = [*run[:5], ("1-99", {b"v": b"1", b"imei": b"1", b"body": b"{}"}), *run[5:]]
+    text_keys = [(sid, {k.decode(): v for k, v in fields.items()}) for sid, fields in run]
+    for entries in (extra, renamed, text_keys, []):
+        assert _decode_run(entries, 65_536, 512) is None  # type: ignore[arg-type]
