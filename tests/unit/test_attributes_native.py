@@ -174,7 +174,7 @@ def test_rows_and_copy_data_are_the_same_with_either_encoder() -> None:
     batch = records(50)
     python = entries_for(mapping, lambda io: python_json(io, mapping))
     expected_rows, expected_unknown = attrs.attribute_rows_py(batch, {}, python)
-    expected_data = pgcopy.attribute_rows_py(expected_rows)
+    expected_data = pgcopy.attribute_copy_py(expected_rows)
 
     rows, unknown = native.attribute_rows(batch, {}, entries_for(mapping, mapping.native))
     assert (rows, unknown) == (expected_rows, expected_unknown)
@@ -205,10 +205,12 @@ def test_the_python_fallback_gives_the_same_rows(monkeypatch: pytest.MonkeyPatch
     mapping = ModelMapping.build("FMB920", read_io_csv(CSV))
     batch = records(20)
     built = pgcopy.attribute_copy_records(batch, {}, entries_for(mapping, mapping.encoder()))
-    monkeypatch.setattr(attrs, "_native", None)
+    monkeypatch.setattr(attrs, "_native", None)  # as a package built without C ...
     monkeypatch.setattr(pgcopy, "_native", None)
-    assert attrs.encode_attributes(batch[0].io, mapping) == native_json(batch[0].io, mapping)
-    fallback = pgcopy.attribute_copy_records(batch, {}, entries_for(mapping, mapping.encoder()))
+    unbuilt = ModelMapping.build("FMB920", read_io_csv(CSV))  # ... compiles no plan
+    assert unbuilt.native is None
+    assert attrs.encode_attributes(batch[0].io, unbuilt) == native_json(batch[0].io, mapping)
+    fallback = pgcopy.attribute_copy_records(batch, {}, entries_for(unbuilt, unbuilt.encoder()))
     assert fallback == built
 
 
@@ -236,5 +238,5 @@ def test_a_decoder_failing_on_a_record_keeps_its_raw_io_and_the_rest_decoded() -
     ]
     errors = DECODE_ERRORS._value.get()
     assert cache.rows(batch) == expected
-    assert cache.copy_data(batch) == pgcopy.attribute_rows_py(expected)
+    assert cache.copy_data(batch) == pgcopy.attribute_copy_py(expected)
     assert DECODE_ERRORS._value.get() == errors + 2

@@ -29,8 +29,9 @@ from processor.core.attributes import (
     IoElement,
     ModelMapping,
     attribute_rows,
-    raw_attributes,
+    decode_attributes,
 )
+from processor.core.jsonenc import attributes_json
 from processor.core.records import Record
 from processor.logs import get_logger
 from processor.settings import Settings
@@ -206,7 +207,8 @@ class MappingCache:
                 rows, missing = attribute_rows([record], entries, self._entry)
             except Exception as exc:  # noqa: BLE001 - any decoder bug: the position is kept
                 raw = ModelMapping.build(self.model_for(record.device_id), ())
-                rows = [(record.device_id, record.ts, raw_attributes(record.io), raw.version)]
+                text = attributes_json(decode_attributes(record.io, raw))  # in Python: sure
+                rows = [(record.device_id, record.ts, text, raw.version)]
                 missing = record.device_id not in self.current.devices
                 DECODE_ERRORS.inc()
                 log.error(

@@ -125,7 +125,7 @@ def attribute_copy_records(
     if _native is not None:
         return _native.attribute_copy_records(records, entries, resolve)
     rows, unknown = decoded_rows(records, entries, resolve)
-    return attribute_rows_py(rows), unknown
+    return attribute_copy_py(rows), unknown
 
 
 def attribute_rows(rows: Sequence[tuple[int, int, bytes, int]]) -> bytes:
@@ -133,10 +133,10 @@ def attribute_rows(rows: Sequence[tuple[int, int, bytes, int]]) -> bytes:
     ``(device_id, ts ms, attributes JSON, mapping version)``."""
     if _native is not None:
         return _native.attribute_copy(rows)
-    return attribute_rows_py(rows)
+    return attribute_copy_py(rows)
 
 
-def attribute_rows_py(rows: Iterable[tuple[int, int, bytes, int]]) -> bytes:
+def attribute_copy_py(rows: Iterable[tuple[int, int, bytes, int]]) -> bytes:
     """:func:`attribute_rows` in Python (what the C encoder, when built, writes too)."""
     head, length, version = _ATTRIBUTES.pack, _LENGTH.pack, _VERSION.pack
     out = [HEADER]

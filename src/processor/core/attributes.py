@@ -132,7 +132,7 @@ class ModelMapping:
 
     def encoder(self) -> NativePlan | Encoder:
         """What :func:`attribute_rows` encodes this model's IO maps with."""
-        if _native is not None and self.native is not None:
+        if self.native is not None:  # compiled only when the C encoder is built
             return self.native
         return lambda io: attributes_json(decode_attributes(io, self))
 
@@ -200,14 +200,9 @@ def decode_attributes(io: Mapping[int, IoValue], mapping: ModelMapping) -> dict[
 
 def encode_attributes(io: Mapping[int, IoValue], mapping: ModelMapping) -> bytes:
     """The attributes JSON of one record: ``attributes_json(decode_attributes(io, mapping))``."""
-    if _native is not None and mapping.native is not None:
+    if mapping.native is not None:  # compiled only when the C encoder is built
         return _native.encode_attributes(io, mapping.native)
     return attributes_json(decode_attributes(io, mapping))
-
-
-def raw_attributes(io: Mapping[int, IoValue]) -> bytes:
-    """The attributes JSON of an IO map decoded with no mapping: every element raw."""
-    return attributes_json(decode_attributes(io, _NO_MAPPING))
 
 
 def attribute_rows(
@@ -245,9 +240,6 @@ def attribute_rows_py(
             raise TypeError("a native plan needs the C encoder")
         rows.append((device_id, record.ts, encoder(record.io), version))
     return rows, unknown
-
-
-_NO_MAPPING: Final = ModelMapping.build("", ())
 
 
 def compile_plan(element: IoElement) -> Plan:
