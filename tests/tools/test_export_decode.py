@@ -51,9 +51,16 @@ class Reply:
         return [[b"s", self.items]]
 
 
+@pytest.mark.parametrize("native", [True, False])
 def test_a_read_is_one_chunk_of_its_records_in_stream_order(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, native: bool
 ) -> None:
+    """Through the native column builder (entries it leaves decoded one by one) or the
+    Python runs: the contract decoder's records and rejections, in stream order."""
+    if native and not export_decode.NATIVE:
+        pytest.skip("C extension not built")
+    if not native:
+        monkeypatch.setattr(export_decode, "export_columns", None)
     monkeypatch.setattr(export_decode, "RUN", 7)
     generated = generate(hostile=60, valid=200, seed=8)
     entries = [fields for fields in generated.entries if isinstance(fields, dict)]

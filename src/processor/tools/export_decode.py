@@ -37,7 +37,14 @@ from processor.adapters.redis_stream import Fields
 from processor.core.contract import decode_entry, decode_run
 from processor.core.gc_tuning import tune_for_throughput
 from processor.core.records import Record, Rejection
-from processor.tools.export_schema import records_to_batch
+from processor.tools.export_schema import batch_from_buffers, records_to_batch
+
+try:  # the native column builder (optional: without a compiler the Python path runs)
+    from processor.tools._export_columns import export_columns
+except ImportError:  # pragma: no cover - a build without the C extension
+    export_columns = None  # type: ignore[assignment]
+
+NATIVE: Final = export_columns is not None
 
 Entries = Sequence[tuple[str, Fields]]
 
@@ -130,6 +137,8 @@ def _read_with(
     if not items:
         return EMPTY
     ids = b" ".join(map(_first, items)).decode("ascii")  # one decode, not one per entry
+    if export_columns is not None:
+        return _read_native(items, ids, max_entry_bytes, max_io_elements)
     flats = list(map(_second, items))
     del response, items  # the reply is now held by ``flats`` only, and freed run by run
     # A run's records become Arrow columns while they are still in the CPU's caches, and
@@ -145,6 +154,44 @@ def _read_with(
         rejections.extend(rejected)
     return Decoded(
         _concat(batches),
+        [(sid, rejection) for sid, rejection, _ in rejections],
+        ids=ids,
+        rejected=[fields for _, _, fields in rejections],
+    )
+
+
+def _read_native(items: list[Any], ids: str, max_entry_bytes: int, max_io_elements: int) -> Decoded:
+    """A read's rows built by the native column builder, straight from the reply.
+
+    The builder takes every entry it is certain the contract decoder accepts, and gives
+    exactly that entry's row; the entries it leaves (``skipped``) are decoded here by the
+    contract decoder, which accepts or rejects them, and their rows are put back in
+    stream order between the native rows.
+    """
+    assert export_columns is not None
+    rows, buffers, nulls, skipped = export_columns(items, max_entry_bytes, max_io_elements)
+    chunk = batch_from_buffers(rows, buffers, nulls)
+    if not skipped:
+        return Decoded(chunk if rows else None, ids=ids)
+    id_list = ids.split(" ")
+    pieces: list[pa.RecordBatch] = []
+    rejections: list[tuple[str, Rejection, Fields]] = []
+    taken = 0  # native rows placed so far
+    for before, index in enumerate(skipped):
+        native_rows = index - before - taken  # native rows between the previous and this
+        if native_rows:
+            pieces.append(chunk.slice(taken, native_rows))
+            taken += native_rows
+        records, rejected = decode_entries(
+            _entries([id_list[index]], [items[index][1]]), max_entry_bytes, max_io_elements
+        )
+        if records:
+            pieces.append(records_to_batch(records))
+        rejections.extend(rejected)
+    if taken < rows:
+        pieces.append(chunk.slice(taken))
+    return Decoded(
+        _concat(pieces),
         [(sid, rejection) for sid, rejection, _ in rejections],
         ids=ids,
         rejected=[fields for _, _, fields in rejections],

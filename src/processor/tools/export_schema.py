@@ -106,6 +106,39 @@ def records_to_batch(records: Sequence[Record]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
 
 
+def batch_from_buffers(
+    rows: int, buffers: Sequence[bytes | None], generation_nulls: int
+) -> pa.RecordBatch:
+    """One Arrow record batch of ``SCHEMA`` over column buffers laid out by the native
+    column builder (``_export_columns.export_columns``), without a copy.
+
+    ``buffers`` holds, in ``SCHEMA`` order, the 32-bit offsets and the data of a string
+    column, the validity bitmap (None when no row is null) and the data of
+    ``generation``, and the data alone of every other column.
+    """
+    arrays: list[pa.Array] = []
+    at = 0
+    for field in SCHEMA:
+        build_type = _build_type(field.type)
+        if build_type == pa.string():
+            offsets, data = buffers[at], buffers[at + 1]
+            parts = [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+            at += 2
+            array_ = pa.Array.from_buffers(build_type, rows, parts)
+        elif field.nullable:
+            validity, data = buffers[at], buffers[at + 1]
+            at += 2
+            parts = [None if validity is None else pa.py_buffer(validity), pa.py_buffer(data)]
+            array_ = pa.Array.from_buffers(build_type, rows, parts, null_count=generation_nulls)
+        else:
+            array_ = pa.Array.from_buffers(build_type, rows, [None, pa.py_buffer(buffers[at])])
+            at += 1
+        arrays.append(array_ if build_type == field.type else array_.view(field.type))
+    if at != len(buffers):
+        raise ValueError(f"{len(buffers)} column buffers for {at} expected")
+    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+
+
 def io_column(records: Sequence[Record]) -> pa.StringArray:
     """The ``io`` column: each record's IO map as :func:`~processor.core.jsonenc.io_json`.
 

@@ -1,0 +1,771 @@
+/* Native build of the analytics export's Arrow column buffers from raw stream entries.
+ *
+ * export_columns(items, max_entry_bytes, max_io_elements) takes the items of a raw
+ * XREADGROUP reply ([id, [b"v", v, b"imei", imei, b"payload", payload]] each) and writes
+ * the columns of processor/tools/export_schema.py's SCHEMA straight from the payload
+ * bytes: no Record, no dict, no Python object per entry or per IO element.
+ *
+ * It takes an entry only when it is certain that the contract decoder
+ * (processor/core/contract.py: decode_entry) gives a Record for it, and then writes
+ * exactly that Record's row (records_to_batch): the same values, the same IO text
+ * (jsonenc.io_json: ids as keys in payload order, integers, bytes as lowercase hex).
+ * Any entry it is not certain of is left out and its index returned in ``skipped``: the
+ * caller decodes those with the contract decoder, which accepts or rejects them and
+ * names the reason. So this parser accepts a strict subset of what msgspec accepts:
+ * - compact or spaced JSON, keys without escapes, each known key at most once, the
+ *   twelve required ones present, ``generation`` an integer, null or absent;
+ * - integers in JSON's grammar (no fraction or exponent for integer fields; at most 18
+ *   digits), floats in JSON's grammar (at most 63 characters, parsed by Python's own
+ *   correctly rounded conversion, as msgspec's is), every contract range checked;
+ * - IO ids in canonical decimal (no leading zero, at most 65535), no id twice;
+ *   values unsigned 32-bit integers or a sentinel object with exactly one key:
+ *   "$bigint" (1 to 20 ASCII digits, at most 2^64 - 1) or "$bytes" (canonical base64:
+ *   padded, standard alphabet, unused bits zero).
+ * Anything else (escapes, non-ASCII bytes, other field shapes, limits exceeded) is
+ * skipped. tests/unit/test_export_columns.py checks the equality on generated entries.
+ *
+ * Returns (rows, buffers, generation_nulls, skipped): ``buffers`` holds, in SCHEMA order,
+ * (offsets, data) for a string column, (validity or None, data) for ``generation``, and
+ * the data alone for every other column, little-endian, as Arrow lays them out.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_TS_MS 253402300799999LL
+#define MAX_U32 4294967295LL
+#define FIELD_NAME_BYTES 12 /* len("v") + len("imei") + len("payload") */
+#define IMEI_DIGITS 15
+#define MAX_INT_DIGITS 18
+#define MAX_FLOAT_CHARS 63
+
+typedef struct {
+    char *data;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+} Buffer;
+
+static int
+reserve(Buffer *b, Py_ssize_t extra)
+{
+    if (b->len + extra <= b->cap)
+        return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra)
+        cap *= 2;
+    char *data = PyMem_Realloc(b->data, (size_t)cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+/* The payload's keys, in the bit order of ``seen``. */
+enum {
+    K_CODEC, K_TS, K_RECEIVED_AT, K_PRIORITY, K_LAT, K_LON, K_ALT, K_ANGLE, K_SAT,
+    K_SPEED, K_EVENT_IO, K_IO, K_GENERATION, NKEYS
+};
+#define REQUIRED_KEYS ((1u << K_GENERATION) - 1u) /* every key but generation */
+
+static const struct {
+    const char *name;
+    Py_ssize_t len;
+} KEYS[NKEYS] = {
+    {"codec", 5}, {"ts", 2},     {"received_at", 11}, {"priority", 8}, {"lat", 3},
+    {"lon", 3},   {"alt", 3},    {"angle", 5},        {"sat", 3},      {"speed", 5},
+    {"event_io", 8}, {"io", 2},  {"generation", 10},
+};
+
+typedef struct {
+    int64_t ints[NKEYS]; /* by key; lat, lon and io unused */
+    double lat, lon;
+    int generation; /* -1: null or absent */
+} Row;
+
+/* The parser reads a payload's bytes up to the NUL that ends every bytes object's data
+ * (the NUL stops every scan below; an embedded one makes the entry skipped). Positions
+ * are passed and returned as values, NULL for "not certain", so that they stay in
+ * registers. */
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE int
+is_digit(char c)
+{
+    return (unsigned char)(c - '0') < 10;
+}
+
+INLINE const char *
+skip(const char *p)
+{
+    while (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t')
+        p++;
+    return p;
+}
+
+/* After ``ch`` (spaces before it skipped), or NULL. */
+INLINE const char *
+expect(const char *p, char ch)
+{
+    p = skip(p);
+    return *p == ch ? p + 1 : NULL;
+}
+
+/* A string without escapes: its content in ``start``/``len``; after its closing quote. */
+INLINE const char *
+string_at(const char *p, const char **start, Py_ssize_t *len)
+{
+    p = skip(p);
+    if (*p != '"')
+        return NULL;
+    const char *s = ++p;
+    while (*p != '"') {
+        if (*p == '\\' || *p == '\0')
+            return NULL;
+        p++;
+    }
+    *start = s;
+    *len = p - s;
+    return p + 1;
+}
+
+/* A JSON number's integer part (0, or digits without a leading zero) of at most
+ * MAX_INT_DIGITS digits, its value in ``value``. */
+INLINE const char *
+integer_at(const char *p, uint64_t *value)
+{
+    if (!is_digit(*p))
+        return NULL;
+    if (*p == '0') {
+        *value = 0;
+        return is_digit(p[1]) ? NULL : p + 1; /* "01" is not JSON */
+    }
+    const char *start = p;
+    uint64_t v = 0;
+    do
+        v = v * 10 + (uint64_t)(*p++ - '0');
+    while (is_digit(*p));
+    if (p - start > MAX_INT_DIGITS)
+        return NULL;
+    *value = v;
+    return p;
+}
+
+/* A JSON integer (no fraction, no exponent: msgspec rejects those for an int). */
+INLINE const char *
+int_at(const char *p, int64_t *out)
+{
+    p = skip(p);
+    int negative = *p == '-';
+    uint64_t value;
+    p = integer_at(p + negative, &value);
+    if (p == NULL || *p == '.' || *p == 'e' || *p == 'E')
+        return NULL;
+    *out = negative ? -(int64_t)value : (int64_t)value;
+    return p;
+}
+
+/* 10^k, exact in a double for k <= 22. */
+static const double POW10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                               1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                               1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+
+/* A JSON number for a float field. An integer converts as msgspec converts it (so "-0"
+ * is 0.0). A decimal of at most 2^53 in its digits and at most 22 decimals is m / 10^k,
+ * both exact doubles, so the division is the correctly rounded value (the classic fast
+ * path of decimal conversion); any other number goes through Python's correctly rounded
+ * conversion, as msgspec's is. */
+INLINE const char *
+float_at(const char *p, double *out)
+{
+    p = skip(p);
+    const char *start = p;
+    int negative = *p == '-';
+    uint64_t whole;
+    p = integer_at(p + negative, &whole);
+    if (p == NULL)
+        return NULL;
+    if (*p != '.' && *p != 'e' && *p != 'E') {
+        *out = (double)(negative ? -(int64_t)whole : (int64_t)whole);
+        return p;
+    }
+    uint64_t mantissa = whole;
+    int decimals = 0, exact = 1;
+    if (*p == '.') {
+        p++;
+        if (!is_digit(*p))
+            return NULL;
+        for (; is_digit(*p); p++, decimals++) {
+            if (mantissa > (1ULL << 53) / 10)
+                exact = 0;
+            else
+                mantissa = mantissa * 10 + (uint64_t)(*p - '0');
+        }
+    }
+    if (*p == 'e' || *p == 'E') {
+        p++;
+        p += *p == '+' || *p == '-';
+        if (!is_digit(*p))
+            return NULL;
+        while (is_digit(*p))
+            p++;
+        exact = 0;
+    }
+    if (exact && decimals <= 22 && mantissa <= (1ULL << 53)) {
+        double value = (double)mantissa / POW10[decimals];
+        *out = negative ? -value : value;
+        return p;
+    }
+    Py_ssize_t len = p - start;
+    if (len > MAX_FLOAT_CHARS)
+        return NULL;
+    char text[MAX_FLOAT_CHARS + 1];
+    memcpy(text, start, (size_t)len);
+    text[len] = '\0';
+    char *stop = NULL;
+    double value = PyOS_string_to_double(text, &stop, NULL);
+    if (value == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (stop != text + len)
+        return NULL;
+    *out = value;
+    return p;
+}
+
+INLINE char *
+write_u64(char *out, uint64_t value)
+{
+    char digits[20];
+    int n = 0;
+    do {
+        digits[n++] = (char)('0' + value % 10);
+        value /= 10;
+    } while (value);
+    while (n)
+        *out++ = digits[--n];
+    return out;
+}
+
+static const signed char BASE64[256] = {
+    ['A'] = 1,  ['B'] = 2,  ['C'] = 3,  ['D'] = 4,  ['E'] = 5,  ['F'] = 6,  ['G'] = 7,
+    ['H'] = 8,  ['I'] = 9,  ['J'] = 10, ['K'] = 11, ['L'] = 12, ['M'] = 13, ['N'] = 14,
+    ['O'] = 15, ['P'] = 16, ['Q'] = 17, ['R'] = 18, ['S'] = 19, ['T'] = 20, ['U'] = 21,
+    ['V'] = 22, ['W'] = 23, ['X'] = 24, ['Y'] = 25, ['Z'] = 26, ['a'] = 27, ['b'] = 28,
+    ['c'] = 29, ['d'] = 30, ['e'] = 31, ['f'] = 32, ['g'] = 33, ['h'] = 34, ['i'] = 35,
+    ['j'] = 36, ['k'] = 37, ['l'] = 38, ['m'] = 39, ['n'] = 40, ['o'] = 41, ['p'] = 42,
+    ['q'] = 43, ['r'] = 44, ['s'] = 45, ['t'] = 46, ['u'] = 47, ['v'] = 48, ['w'] = 49,
+    ['x'] = 50, ['y'] = 51, ['z'] = 52, ['0'] = 53, ['1'] = 54, ['2'] = 55, ['3'] = 56,
+    ['4'] = 57, ['5'] = 58, ['6'] = 59, ['7'] = 60, ['8'] = 61, ['9'] = 62, ['+'] = 63,
+    ['/'] = 64,
+}; /* value + 1; 0: not in the alphabet */
+
+static const char HEX[] = "0123456789abcdef";
+
+/* ``"<hex>"`` of canonical base64 ``s`` written at ``out`` (room for 2 + len * 3 / 2);
+ * after it, or NULL when ``s`` is not canonical base64. */
+INLINE char *
+base64_hex(char *out, const char *s, Py_ssize_t len)
+{
+    if (len % 4)
+        return NULL;
+    int pad = 0;
+    if (len && s[len - 1] == '=')
+        pad = s[len - 2] == '=' ? 2 : 1;
+    *out++ = '"';
+    for (Py_ssize_t i = 0; i < len; i += 4) {
+        int last = i + 4 == len;
+        int quads = last ? 4 - pad : 4;
+        uint32_t bits = 0;
+        for (int k = 0; k < 4; k++) {
+            uint32_t v = 0;
+            if (k < quads) {
+                signed char d = BASE64[(unsigned char)s[i + k]];
+                if (!d)
+                    return NULL;
+                v = (uint32_t)(d - 1);
+            }
+            bits = bits << 6 | v;
+        }
+        unsigned char bytes[3] = {(unsigned char)(bits >> 16), (unsigned char)(bits >> 8),
+                                  (unsigned char)bits};
+        int keep = last ? 3 - pad : 3;
+        if (keep < 3 && bytes[keep] != 0)
+            return NULL; /* unused bits set: not canonical */
+        for (int k = 0; k < keep; k++) {
+            *out++ = HEX[bytes[k] >> 4];
+            *out++ = HEX[bytes[k] & 15];
+        }
+    }
+    *out++ = '"';
+    return out;
+}
+
+/* A sentinel object (its "{" read) written at ``*out`` as its value; after it, or NULL. */
+INLINE const char *
+sentinel_at(const char *p, char **out)
+{
+    const char *key, *value;
+    Py_ssize_t key_len, value_len;
+    if ((p = string_at(p, &key, &key_len)) == NULL || (p = expect(p, ':')) == NULL ||
+        (p = string_at(p, &value, &value_len)) == NULL || (p = expect(p, '}')) == NULL)
+        return NULL;
+    if (key_len == 7 && memcmp(key, "$bigint", 7) == 0) {
+        if (value_len == 0 || value_len > 20)
+            return NULL;
+        uint64_t number = 0;
+        for (Py_ssize_t i = 0; i < value_len; i++) {
+            if (!is_digit(value[i]))
+                return NULL;
+            uint64_t digit = (uint64_t)(value[i] - '0');
+            if (number > (UINT64_MAX - digit) / 10)
+                return NULL; /* beyond 64 bits: the decoder's out_of_range */
+            number = number * 10 + digit;
+        }
+        *out = write_u64(*out, number);
+        return p;
+    }
+    if (key_len == 6 && memcmp(key, "$bytes", 6) == 0) {
+        char *end = base64_hex(*out, value, value_len);
+        if (end == NULL)
+            return NULL;
+        *out = end;
+        return p;
+    }
+    return NULL;
+}
+
+typedef struct {
+    uint8_t *seen;    /* a bit per IO id: ids of the object being read */
+    uint16_t *ids;    /* those ids, to clear their bits */
+    Py_ssize_t count; /* ids in ``ids`` */
+    Py_ssize_t max_io;
+} IoIds;
+
+/* The io object written at ``*out`` as its JSON text; after it, or NULL. The ids
+ * marked in ``seen`` are left for the caller to clear. */
+INLINE const char *
+io_at(const char *p, char **out, IoIds *io)
+{
+    char *o = *out;
+    if ((p = expect(p, '{')) == NULL)
+        return NULL;
+    *o++ = '{';
+    p = skip(p);
+    if (*p != '}') {
+        for (;;) {
+            const char *key;
+            Py_ssize_t key_len;
+            if ((p = string_at(p, &key, &key_len)) == NULL || key_len == 0 || key_len > 5 ||
+                (key[0] == '0' && key_len > 1))
+                return NULL;
+            uint32_t id = 0;
+            for (Py_ssize_t i = 0; i < key_len; i++) {
+                if (!is_digit(key[i]))
+                    return NULL;
+                id = id * 10 + (uint32_t)(key[i] - '0');
+            }
+            if (id > 65535 || (io->seen[id >> 3] >> (id & 7) & 1) || io->count == io->max_io)
+                return NULL;
+            io->seen[id >> 3] |= (uint8_t)(1u << (id & 7));
+            io->ids[io->count++] = (uint16_t)id;
+            if ((p = expect(p, ':')) == NULL)
+                return NULL;
+            if (io->count > 1)
+                *o++ = ',';
+            *o++ = '"';
+            memcpy(o, key, (size_t)key_len);
+            o += key_len;
+            *o++ = '"';
+            *o++ = ':';
+            p = skip(p);
+            if (*p == '{') {
+                if ((p = sentinel_at(p + 1, &o)) == NULL)
+                    return NULL;
+            }
+            else {
+                int64_t value;
+                const char *digits = p;
+                if ((p = int_at(p, &value)) == NULL || value < 0 || value > MAX_U32)
+                    return NULL;
+                if (*digits == '-') /* "-0": written as msgspec writes 0 */
+                    *o++ = '0';
+                else {
+                    memcpy(o, digits, (size_t)(p - digits));
+                    o += p - digits;
+                }
+            }
+            p = skip(p);
+            if (*p != ',')
+                break;
+            p++;
+        }
+    }
+    if ((p = expect(p, '}')) == NULL)
+        return NULL;
+    *o++ = '}';
+    *out = o;
+    return p;
+}
+
+/* The payload key ``k`` (``n`` bytes) is, NKEYS when none. */
+INLINE int
+key_index(const char *k, Py_ssize_t n)
+{
+    int i;
+    switch (n) {
+    case 2:
+        i = k[0] == 't' ? K_TS : K_IO;
+        break;
+    case 3:
+        i = k[0] == 'l' ? (k[1] == 'a' ? K_LAT : K_LON) : k[0] == 'a' ? K_ALT : K_SAT;
+        break;
+    case 5:
+        i = k[0] == 'c' ? K_CODEC : k[0] == 'a' ? K_ANGLE : K_SPEED;
+        break;
+    case 8:
+        i = k[0] == 'p' ? K_PRIORITY : K_EVENT_IO;
+        break;
+    case 10:
+        i = K_GENERATION;
+        break;
+    case 11:
+        i = K_RECEIVED_AT;
+        break;
+    default:
+        return NKEYS;
+    }
+    return memcmp(KEYS[i].name, k, (size_t)n) == 0 ? i : NKEYS;
+}
+
+/* The payload ``data`` (``len`` bytes, NUL after them) parsed into ``row``, its IO text
+ * written at ``*out`` (room for 2 * len + 16): 1 when taken, else 0. */
+static int
+payload_row(const char *data, Py_ssize_t len, Row *row, char **out, IoIds *io)
+{
+    const char *p = data;
+    unsigned present = 0;
+    row->generation = -1;
+    if ((p = expect(p, '{')) == NULL)
+        return 0;
+    for (;;) {
+        const char *key;
+        Py_ssize_t key_len;
+        if ((p = string_at(p, &key, &key_len)) == NULL || (p = expect(p, ':')) == NULL)
+            return 0;
+        int k = key_index(key, key_len);
+        if (k == NKEYS || (present >> k & 1))
+            return 0; /* unknown or repeated key */
+        present |= 1u << k;
+        if (k == K_IO) {
+            if ((p = io_at(p, out, io)) == NULL)
+                return 0;
+        }
+        else if (k == K_LAT || k == K_LON) {
+            double value;
+            if ((p = float_at(p, &value)) == NULL)
+                return 0;
+            if (k == K_LAT ? !(value >= -90.0 && value <= 90.0)
+                           : !(value >= -180.0 && value <= 180.0))
+                return 0;
+            *(k == K_LAT ? &row->lat : &row->lon) = value;
+        }
+        else if (k == K_GENERATION && (p = skip(p))[0] == 'n' && p[1] == 'u' && p[2] == 'l' &&
+                 p[3] == 'l') {
+            p += 4;
+        }
+        else {
+            int64_t v;
+            if ((p = int_at(p, &v)) == NULL)
+                return 0;
+            int64_t low = 0, high;
+            switch (k) {
+            case K_CODEC:
+                if (v != 8 && v != 16 && v != 142)
+                    return 0;
+                high = v;
+                break;
+            case K_TS:
+            case K_RECEIVED_AT:
+                high = MAX_TS_MS;
+                break;
+            case K_PRIORITY:
+                high = 2;
+                break;
+            case K_ALT:
+                low = -32768;
+                high = 32767;
+                break;
+            case K_ANGLE:
+                high = 359;
+                break;
+            case K_SAT:
+            case K_GENERATION:
+                high = 255;
+                break;
+            default: /* speed, event_io */
+                high = 65535;
+            }
+            if (v < low || v > high)
+                return 0;
+            row->ints[k] = v;
+            if (k == K_GENERATION)
+                row->generation = (int)v;
+        }
+        p = skip(p);
+        if (*p != ',')
+            break;
+        p++;
+    }
+    if ((p = expect(p, '}')) == NULL)
+        return 0;
+    p = skip(p);
+    return p == data + len && (present & REQUIRED_KEYS) == REQUIRED_KEYS;
+}
+
+/* Fixed-width columns, in SCHEMA order (strings and generation apart). */
+enum {
+    F_DEVICE_ID, F_TS, F_RECEIVED_AT, F_LAT, F_LON, F_ALT, F_ANGLE, F_SAT, F_SPEED,
+    F_PRIORITY, F_EVENT_IO, F_CODEC, F_GENERATION, NFIXED
+};
+static const int WIDTH[NFIXED] = {8, 8, 8, 8, 8, 4, 2, 2, 4, 1, 4, 2, 2};
+
+typedef struct {
+    char *fixed[NFIXED];
+    uint8_t *validity;
+    int32_t *imei_offsets, *id_offsets, *io_offsets;
+    Buffer imeis, ids, io;
+    IoIds io_ids;
+} Columns;
+
+static void
+columns_free(Columns *cols)
+{
+    for (int f = 0; f < NFIXED; f++)
+        PyMem_Free(cols->fixed[f]);
+    PyMem_Free(cols->validity);
+    PyMem_Free(cols->imei_offsets);
+    PyMem_Free(cols->id_offsets);
+    PyMem_Free(cols->io_offsets);
+    PyMem_Free(cols->imeis.data);
+    PyMem_Free(cols->ids.data);
+    PyMem_Free(cols->io.data);
+    PyMem_Free(cols->io_ids.seen);
+    PyMem_Free(cols->io_ids.ids);
+}
+
+#define STORE(f, type, value)                                                               \
+    do {                                                                                    \
+        type v_ = (type)(value);                                                            \
+        memcpy(cols->fixed[f] + rows * (Py_ssize_t)sizeof(type), &v_, sizeof(type));         \
+    } while (0)
+
+/* The entry's bytes of ``flat`` at ``i`` when it is a bytes object, else NULL. */
+static inline PyObject *
+bytes_at(PyObject *flat, Py_ssize_t i)
+{
+    PyObject *item = PyList_GET_ITEM(flat, i);
+    return PyBytes_CheckExact(item) ? item : NULL;
+}
+
+static inline int
+is_name(PyObject *item, const char *name, Py_ssize_t len)
+{
+    return item != NULL && PyBytes_GET_SIZE(item) == len &&
+           memcmp(PyBytes_AS_STRING(item), name, (size_t)len) == 0;
+}
+
+/* One entry's row appended: 1 taken, 0 skipped, -1 error. */
+static int
+entry_row(Columns *cols, Py_ssize_t rows, PyObject *item, Py_ssize_t max_bytes)
+{
+    if (!PyList_CheckExact(item) || PyList_GET_SIZE(item) != 2)
+        return 0;
+    PyObject *sid = PyList_GET_ITEM(item, 0), *flat = PyList_GET_ITEM(item, 1);
+    if (!PyBytes_CheckExact(sid) || !PyList_CheckExact(flat) || PyList_GET_SIZE(flat) != 6)
+        return 0;
+    PyObject *v = bytes_at(flat, 1), *imei = bytes_at(flat, 3), *payload = bytes_at(flat, 5);
+    if (!is_name(bytes_at(flat, 0), "v", 1) || !is_name(bytes_at(flat, 2), "imei", 4) ||
+        !is_name(bytes_at(flat, 4), "payload", 7) || !is_name(v, "1", 1) || imei == NULL ||
+        payload == NULL || PyBytes_GET_SIZE(imei) != IMEI_DIGITS)
+        return 0;
+    Py_ssize_t size = FIELD_NAME_BYTES + 1 + IMEI_DIGITS + PyBytes_GET_SIZE(payload);
+    if (size > max_bytes)
+        return 0;
+    const char *digits = PyBytes_AS_STRING(imei);
+    int64_t device_id = 0;
+    for (int i = 0; i < IMEI_DIGITS; i++) {
+        if (!is_digit(digits[i]))
+            return 0;
+        device_id = device_id * 10 + (digits[i] - '0');
+    }
+    Py_ssize_t id_len = PyBytes_GET_SIZE(sid);
+    const char *id = PyBytes_AS_STRING(sid);
+    for (Py_ssize_t i = 0; i < id_len; i++)
+        if ((unsigned char)id[i] >= 0x80)
+            return 0; /* a stream id is ASCII */
+    Row row;
+    Py_ssize_t len = PyBytes_GET_SIZE(payload);
+    if (reserve(&cols->io, 2 * len + 16) < 0) /* the IO text is never longer */
+        return -1;
+    char *out = cols->io.data + cols->io.len;
+    IoIds *io = &cols->io_ids;
+    int taken = payload_row(PyBytes_AS_STRING(payload), len, &row, &out, io);
+    for (Py_ssize_t i = 0; i < io->count; i++)
+        io->seen[io->ids[i] >> 3] = 0;
+    io->count = 0;
+    if (!taken)
+        return 0;
+    cols->io.len = out - cols->io.data;
+    if (cols->io.len > INT32_MAX || cols->ids.len + id_len > INT32_MAX ||
+        reserve(&cols->ids, id_len) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_OverflowError, "a column's text exceeds 2 GiB");
+        return -1;
+    }
+    memcpy(cols->imeis.data + rows * IMEI_DIGITS, digits, IMEI_DIGITS);
+    cols->imei_offsets[rows + 1] = (int32_t)((rows + 1) * IMEI_DIGITS);
+    memcpy(cols->ids.data + cols->ids.len, id, (size_t)id_len);
+    cols->ids.len += id_len;
+    cols->id_offsets[rows + 1] = (int32_t)cols->ids.len;
+    cols->io_offsets[rows + 1] = (int32_t)cols->io.len;
+    STORE(F_DEVICE_ID, int64_t, device_id);
+    STORE(F_TS, int64_t, row.ints[K_TS]);
+    STORE(F_RECEIVED_AT, int64_t, row.ints[K_RECEIVED_AT]);
+    STORE(F_LAT, double, row.lat);
+    STORE(F_LON, double, row.lon);
+    STORE(F_ALT, int32_t, row.ints[K_ALT]);
+    STORE(F_ANGLE, int16_t, row.ints[K_ANGLE]);
+    STORE(F_SAT, int16_t, row.ints[K_SAT]);
+    STORE(F_SPEED, int32_t, row.ints[K_SPEED]);
+    STORE(F_PRIORITY, int8_t, row.ints[K_PRIORITY]);
+    STORE(F_EVENT_IO, int32_t, row.ints[K_EVENT_IO]);
+    STORE(F_CODEC, int16_t, row.ints[K_CODEC]);
+    STORE(F_GENERATION, int16_t, row.generation < 0 ? 0 : row.generation);
+    if (row.generation >= 0)
+        cols->validity[rows >> 3] |= (uint8_t)(1u << (rows & 7));
+    return 1;
+}
+
+static PyObject *
+bytes_of(const void *data, Py_ssize_t len)
+{
+    return PyBytes_FromStringAndSize((const char *)data, len);
+}
+
+static PyObject *
+export_columns(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "export_columns(items: list, max_entry_bytes: int, max_io_elements: int)");
+        return NULL;
+    }
+    PyObject *items = args[0];
+    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t max_io = PyLong_AsSsize_t(args[2]);
+    if ((max_bytes == -1 || max_io == -1) && PyErr_Occurred())
+        return NULL;
+    if (max_io < 0)
+        max_io = 0;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    Columns cols;
+    memset(&cols, 0, sizeof cols);
+    PyObject *skipped = PyList_New(0), *result = NULL;
+    if (skipped == NULL)
+        return NULL;
+    Py_ssize_t slots = n ? n : 1;
+    int failed = 0;
+    for (int f = 0; f < NFIXED; f++)
+        failed |= (cols.fixed[f] = PyMem_Malloc((size_t)(slots * WIDTH[f]))) == NULL;
+    failed |= (cols.validity = PyMem_Calloc((size_t)(slots + 7) / 8, 1)) == NULL;
+    failed |= (cols.imei_offsets = PyMem_Calloc((size_t)slots + 1, sizeof(int32_t))) == NULL;
+    failed |= (cols.id_offsets = PyMem_Calloc((size_t)slots + 1, sizeof(int32_t))) == NULL;
+    failed |= (cols.io_offsets = PyMem_Calloc((size_t)slots + 1, sizeof(int32_t))) == NULL;
+    failed |= (cols.io_ids.seen = PyMem_Calloc(65536 / 8, 1)) == NULL;
+    /* IO ids are distinct 16-bit numbers: never more than 65,536 in one object */
+    size_t io_slots = (size_t)(max_io < 65536 ? max_io : 65536) + 1;
+    failed |= (cols.io_ids.ids = PyMem_Malloc(io_slots * sizeof(uint16_t))) == NULL;
+    cols.io_ids.max_io = max_io;
+    if (failed) {
+        PyErr_NoMemory();
+        goto finally;
+    }
+    if (reserve(&cols.imeis, slots * IMEI_DIGITS) < 0 || reserve(&cols.io, slots * 256) < 0 ||
+        reserve(&cols.ids, slots * 16) < 0)
+        goto finally;
+    Py_ssize_t rows = 0, nulls = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int taken = entry_row(&cols, rows, PyList_GET_ITEM(items, i), max_bytes);
+        if (taken < 0)
+            goto finally;
+        if (taken) {
+            nulls += !(cols.validity[rows >> 3] >> (rows & 7) & 1);
+            rows++;
+            continue;
+        }
+        PyObject *index = PyLong_FromSsize_t(i);
+        if (index == NULL || PyList_Append(skipped, index) < 0) {
+            Py_XDECREF(index);
+            goto finally;
+        }
+        Py_DECREF(index);
+    }
+    PyObject *buffers = PyTuple_New(NFIXED + 1 + 6);
+    if (buffers == NULL)
+        goto finally;
+    Py_ssize_t slot = 0;
+#define ADD(obj)                                                                            \
+    do {                                                                                    \
+        PyObject *o_ = (obj);                                                               \
+        if (o_ == NULL) {                                                                   \
+            Py_DECREF(buffers);                                                             \
+            goto finally;                                                                   \
+        }                                                                                   \
+        PyTuple_SET_ITEM(buffers, slot++, o_);                                              \
+    } while (0)
+    ADD(bytes_of(cols.imei_offsets, (rows + 1) * 4));
+    ADD(bytes_of(cols.imeis.data, rows * IMEI_DIGITS));
+    for (int f = F_DEVICE_ID; f < F_GENERATION; f++)
+        ADD(bytes_of(cols.fixed[f], rows * WIDTH[f]));
+    if (nulls) {
+        ADD(bytes_of(cols.validity, (rows + 7) / 8));
+    }
+    else {
+        ADD(Py_NewRef(Py_None));
+    }
+    ADD(bytes_of(cols.fixed[F_GENERATION], rows * WIDTH[F_GENERATION]));
+    ADD(bytes_of(cols.id_offsets, (rows + 1) * 4));
+    ADD(bytes_of(cols.ids.data, cols.ids.len));
+    ADD(bytes_of(cols.io_offsets, (rows + 1) * 4));
+    ADD(bytes_of(cols.io.data, cols.io.len));
+#undef ADD
+    result = Py_BuildValue("(nNnO)", rows, buffers, nulls, skipped);
+finally:
+    columns_free(&cols);
+    Py_DECREF(skipped);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"export_columns", (PyCFunction)(void (*)(void))export_columns, METH_FASTCALL,
+     "export_columns(items, max_entry_bytes, max_io_elements) -> (rows, buffers, "
+     "generation_nulls, skipped)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_export_columns",
+    "Arrow column buffers of the analytics export, built from raw stream entries.", -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__export_columns(void)
+{
+    return PyModule_Create(&module);
+}
