@@ -27,6 +27,11 @@ from processor.core.deadletter import (
     Fields,
 )
 
+try:  # the native packer of a command's arguments (optional, like every C extension here)
+    from processor.core._speedups import resp_bulks
+except ImportError:  # pragma: no cover - a build without the C extension
+    resp_bulks = None  # type: ignore[assignment]
+
 __all__ = ["DeadLetter", "Delivery", "Fields", "StreamSource", "entry_id"]
 
 
@@ -229,9 +234,13 @@ class StreamSource:
         pending in the group, so an entry processed twice (claimed from a consumer that
         was slow rather than dead) is dead-lettered once.
         """
+        letters = list(dead)
+        if not letters and resp_bulks is not None and self._redis.connection is None:
+            if ids:
+                await self._acknowledge(ids)
+            return
         now_ms = str(int(time.time() * 1000))
         args: list[str | bytes] = [self.group]
-        letters = list(dead)
         args.append(str(len(letters)))
         for letter in letters:
             fields = letter.to_fields(int(now_ms))
@@ -240,6 +249,27 @@ class StreamSource:
             )
         args.append(" ".join(ids))
         await self._settle(keys=[self.stream, self.dead_letter_stream], args=args)
+
+    async def _acknowledge(self, ids: Sequence[str]) -> None:
+        """XACK every id in one command (so atomically, as the script), packed natively.
+
+        With no dead letter to write the script is not needed, and a plain XACK costs
+        the server about half its CPU; redis-py would pack each id for about 0.7 µs of
+        client CPU, the native packer for a few nanoseconds.
+        """
+        assert resp_bulks is not None
+        count, packed = resp_bulks(" ".join(ids).encode("ascii"))
+        head = b"*%d\r\n$4\r\nXACK\r\n%s%s" % (count + 3, _bulk(self.stream), _bulk(self.group))
+        pool = self._redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await connection.send_packed_command([head, packed])
+            await connection.read_response()
+        except BaseException:
+            await connection.disconnect()  # a reply may be left unread: not reusable
+            raise
+        finally:
+            await pool.release(connection)
 
     async def pending_count(self) -> int:
         """Entries delivered to the group and not yet acknowledged (all consumers)."""
@@ -255,6 +285,11 @@ class StreamSource:
                 lag = info.get("lag")
                 return int(lag) if lag is not None else None
         return None
+
+
+def _bulk(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def _entries(response: Any) -> tuple[list[tuple[str, Fields]], list[str]]:

@@ -917,7 +917,54 @@ attribute_copy(PyObject *module, PyObject *rows_arg)
     return out;
 }
 
+/* resp_bulks(text) -> (count, bytes): each space-separated word of ``text`` as a RESP
+ * bulk string (``$<length>\r\n<word>\r\n``), for a command of many arguments (XACK of
+ * a whole batch) packed without a Python call per argument. */
+static PyObject *
+resp_bulks(PyObject *module, PyObject *arg)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "resp_bulks(text: bytes)");
+        return NULL;
+    }
+    const char *text = PyBytes_AS_STRING(arg), *end = text + PyBytes_GET_SIZE(arg);
+    Py_ssize_t count = 0, size = 0;
+    for (const char *p = text; p < end;) {
+        if (*p == ' ') {
+            p++;
+            continue;
+        }
+        const char *stop = memchr(p, ' ', (size_t)(end - p));
+        Py_ssize_t len = (stop ? stop : end) - p;
+        char digits[24];
+        size += len + 5 + snprintf(digits, sizeof digits, "%zd", len);
+        count++;
+        p += len;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        return NULL;
+    char *o = PyBytes_AS_STRING(out);
+    for (const char *p = text; p < end;) {
+        if (*p == ' ') {
+            p++;
+            continue;
+        }
+        const char *stop = memchr(p, ' ', (size_t)(end - p));
+        Py_ssize_t len = (stop ? stop : end) - p;
+        o += sprintf(o, "$%zd\r\n", len);
+        memcpy(o, p, (size_t)len);
+        o += len;
+        *o++ = '\r';
+        *o++ = '\n';
+        p += len;
+    }
+    return Py_BuildValue("(nN)", count, out);
+}
+
 static PyMethodDef methods[] = {
+    {"resp_bulks", resp_bulks, METH_O,
+     "resp_bulks(text) -> (count, bytes): each space-separated word as a RESP bulk string."},
     {"encode_attributes", (PyCFunction)(void (*)(void))encode_attributes, METH_FASTCALL,
      "encode_attributes(io, plan) -> bytes: the attributes JSON of one record."},
     {"attribute_rows", (PyCFunction)(void (*)(void))attribute_rows, METH_FASTCALL,
