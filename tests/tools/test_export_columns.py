@@ -213,19 +213,43 @@ def python_read(ids: list[str], flats: list[Any], max_bytes: int, max_io: int) -
     return records, [(sid, rejection) for sid, rejection, _ in rejections]
 
 
-def native_read(ids: list[str], flats: list[Any], max_bytes: int, max_io: int) -> Any:
+def bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def resp_reply(ids: list[str], flats: list[Any]) -> bytearray:
+    """The RESP2 bytes Redis sends for these entries (a deleted entry's fields are nil)."""
+    out = [b"*1\r\n*2\r\n", bulk(b"records"), b"*%d\r\n" % len(ids)]
+    for sid, fields in zip(ids, flats, strict=True):
+        out += [b"*2\r\n", bulk(sid.encode())]
+        out += [b"*%d\r\n" % len(fields), *map(bulk, fields)] if fields else [b"*-1\r\n"]
+    return bytearray(b"".join(out))
+
+
+def native_read(
+    ids: list[str], flats: list[Any], max_bytes: int, max_io: int, via: str = "items"
+) -> Any:
+    """The entries through the native builder: from the items redis-py parses, or from
+    the reply's bytes as the exporter reads them."""
+    if via == "reply":
+        reply = resp_reply(ids, flats)
+        return export_decode.decode_reply(reply, len(reply), max_bytes, max_io)
     items = [[sid.encode(), fields] for sid, fields in zip(ids, flats, strict=True)]
-    return export_decode._read_native(items, " ".join(ids), max_bytes, max_io)
+    return export_decode.decode_items(items, " ".join(ids), max_bytes, max_io)
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+VIA = pytest.mark.parametrize("via", ["items", "reply"])
+
+
+@VIA
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(entry(), min_size=1, max_size=12), st.sampled_from([(65_536, 512), (300, 3)]))
 def test_the_native_read_gives_the_contract_decoders_rows(
-    flats: list[Any], limits: tuple[int, int]
+    via: str, flats: list[Any], limits: tuple[int, int]
 ) -> None:
     ids = [f"1700000000000-{n}" for n in range(len(flats))]
     records, rejections = python_read(ids, flats, *limits)
-    decoded = native_read(ids, flats, *limits)
+    decoded = native_read(ids, flats, *limits, via=via)
     expected = records_to_batch(records) if records else None
     if expected is None:
         assert decoded.chunk is None
@@ -237,18 +261,23 @@ def test_the_native_read_gives_the_contract_decoders_rows(
 
 
 def test_usual_entries_are_all_taken_natively() -> None:
-    """The bench's entries (plain and with sentinels) never fall back to Python."""
+    """The bench's entries (plain and with sentinels) never fall back to Python, whether
+    built from parsed items or from the reply's bytes."""
     from benchmarks.common import make_entries
 
+    assert export_decode.export_columns is not None
+    assert export_decode.export_reply is not None
     for sentinels in (False, True):
         entries = make_entries(500, sentinels=sentinels)
-        items = [
-            [f"1-{n}".encode(), [b"v", e[b"v"], b"imei", e[b"imei"], b"payload", e[b"payload"]]]
-            for n, e in enumerate(entries)
-        ]
-        assert export_decode.export_columns is not None
+        ids = [f"1-{n}" for n in range(len(entries))]
+        flats = [[b"v", e[b"v"], b"imei", e[b"imei"], b"payload", e[b"payload"]] for e in entries]
+        items = [[sid.encode(), fields] for sid, fields in zip(ids, flats, strict=True)]
         rows, _buffers, nulls, skipped = export_decode.export_columns(items, 65_536, 512)
         assert (rows, nulls, skipped) == (500, 500, [])
+        reply = resp_reply(ids, flats)
+        built = export_decode.export_reply(reply, len(reply), 65_536, 512)
+        assert (built[0], built[2], built[3], built[4]) == (500, 500, [], [])
+        assert built[5] == " ".join(ids).encode()
 
 
 @pytest.mark.parametrize(
@@ -263,9 +292,10 @@ def test_usual_entries_are_all_taken_natively() -> None:
         ("45.000000000000001", 45.0),
     ],
 )
-def test_float_forms(lat: str, expected: float | None) -> None:
+@VIA
+def test_float_forms(via: str, lat: str, expected: float | None) -> None:
     flats = [[b"v", b"1", b"imei", IMEI, b"payload", text(list(dict(VALID, lat=lat).items()))]]
-    decoded = native_read(["1-0"], flats, 65_536, 512)
+    decoded = native_read(["1-0"], flats, 65_536, 512, via)
     if expected is None:
         assert decoded.chunk is None
         assert decoded.rejections[0][1].reason == "out_of_range"
@@ -275,14 +305,15 @@ def test_float_forms(lat: str, expected: float | None) -> None:
     assert json.dumps(value) == json.dumps(expected)  # -0.0 and 0.0 told apart
 
 
-def test_rows_of_skipped_entries_keep_stream_order() -> None:
+@VIA
+def test_rows_of_skipped_entries_keep_stream_order(via: str) -> None:
     """Entries the builder leaves (here: spaced and escaped) come back in their place."""
     plain = text(list(VALID.items()))
     spaced = text(list(VALID.items()), " ").replace(b'"io"', b'"\\u0069o"')
     payloads = [plain, spaced, plain, b"{", spaced, plain]
     flats = [[b"v", b"1", b"imei", IMEI, b"payload", p] for p in payloads]
     ids = [f"5-{n}" for n in range(len(flats))]
-    decoded = native_read(ids, flats, 65_536, 512)
+    decoded = native_read(ids, flats, 65_536, 512, via)
     assert decoded.chunk is not None
     assert decoded.chunk.column("stream_id").to_pylist() == ["5-0", "5-1", "5-2", "5-4", "5-5"]
     assert [sid for sid, _ in decoded.rejections] == ["5-3"]
@@ -291,7 +322,12 @@ def test_rows_of_skipped_entries_keep_stream_order() -> None:
 def _compare(payload: bytes) -> None:
     flats = [[b"v", b"1", b"imei", IMEI, b"payload", payload]]
     records, rejections = python_read(["1-0"], flats, 65_536, 512)
-    decoded = native_read(["1-0"], flats, 65_536, 512)
+    for via in ("items", "reply"):
+        _compare_via(via, flats, records, rejections)
+
+
+def _compare_via(via: str, flats: list[Any], records: Any, rejections: Any) -> None:
+    decoded = native_read(["1-0"], flats, 65_536, 512, via)
     assert decoded.rejections == rejections
     if records:
         assert decoded.chunk is not None

@@ -5,8 +5,8 @@ consumer's own pending entries (left by a previous run under the same name), the
 entries idle too long at other (dead) consumers, claimed with XAUTOCLAIM, then new ones.
 Entries delivered more than ``max_deliveries`` times are marked for the dead-letter
 stream instead of being processed again. :meth:`StreamSource.settle` writes dead letters
-and acknowledges in one MULTI/EXEC, so an entry is dead-lettered exactly once even if the
-process dies around it.
+and acknowledges atomically (one Lua script; one XACK when there is no dead letter), so an
+entry is dead-lettered exactly once even if the process dies around it.
 """
 
 from __future__ import annotations

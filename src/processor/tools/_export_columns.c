@@ -15,14 +15,17 @@
  * - compact or spaced JSON, keys without escapes, each known key at most once, the
  *   twelve required ones present, ``generation`` an integer, null or absent;
  * - integers in JSON's grammar (no fraction or exponent for integer fields; at most 18
- *   digits), floats in JSON's grammar (at most 63 characters, parsed by Python's own
- *   correctly rounded conversion, as msgspec's is), every contract range checked;
+ *   digits), floats in JSON's grammar (at most 63 characters, converted exactly: see
+ *   float_at), every contract range checked;
  * - IO ids in canonical decimal (no leading zero, at most 65535), no id twice;
  *   values unsigned 32-bit integers or a sentinel object with exactly one key:
  *   "$bigint" (1 to 20 ASCII digits, at most 2^64 - 1) or "$bytes" (canonical base64:
  *   padded, standard alphabet, unused bits zero).
  * Anything else (escapes, non-ASCII bytes, other field shapes, limits exceeded) is
  * skipped. tests/unit/test_export_columns.py checks the equality on generated entries.
+ *
+ * The reply's entries are looked at with the GIL held; their payloads are parsed with
+ * it released, so that a second thread can read and parse the next reply meanwhile.
  *
  * Returns (rows, buffers, generation_nulls, skipped): ``buffers`` holds, in SCHEMA order,
  * (offsets, data) for a string column, (validity or None, data) for ``generation``, and
@@ -31,6 +34,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <locale.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_TS_MS 253402300799999LL
@@ -54,11 +59,9 @@ reserve(Buffer *b, Py_ssize_t extra)
     Py_ssize_t cap = b->cap ? b->cap : 4096;
     while (cap < b->len + extra)
         cap *= 2;
-    char *data = PyMem_Realloc(b->data, (size_t)cap);
-    if (data == NULL) {
-        PyErr_NoMemory();
+    char *data = PyMem_RawRealloc(b->data, (size_t)cap); /* no GIL needed */
+    if (data == NULL)
         return -1;
-    }
     b->data = data;
     b->cap = cap;
     return 0;
@@ -168,6 +171,9 @@ int_at(const char *p, int64_t *out)
     return p;
 }
 
+/* The "C" locale, for strtod_l: a decimal point whatever the process's locale. */
+static locale_t c_locale;
+
 /* 10^k, exact in a double for k <= 22. */
 static const double POW10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
                                1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
@@ -176,8 +182,8 @@ static const double POW10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
 /* A JSON number for a float field. An integer converts as msgspec converts it (so "-0"
  * is 0.0). A decimal of at most 2^53 in its digits and at most 22 decimals is m / 10^k,
  * both exact doubles, so the division is the correctly rounded value (the classic fast
- * path of decimal conversion); any other number goes through Python's correctly rounded
- * conversion, as msgspec's is. */
+ * path of decimal conversion); any other number goes through the C library's correctly
+ * rounded conversion (glibc's strtod is exact), as msgspec's is. */
 INLINE const char *
 float_at(const char *p, double *out)
 {
@@ -226,11 +232,7 @@ float_at(const char *p, double *out)
     memcpy(text, start, (size_t)len);
     text[len] = '\0';
     char *stop = NULL;
-    double value = PyOS_string_to_double(text, &stop, NULL);
-    if (value == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return NULL;
-    }
+    double value = strtod_l(text, &stop, c_locale); /* correctly rounded, "." always */
     if (stop != text + len)
         return NULL;
     *out = value;
@@ -534,28 +536,39 @@ enum {
 };
 static const int WIDTH[NFIXED] = {8, 8, 8, 8, 8, 4, 2, 2, 4, 1, 4, 2, 2};
 
+/* An entry of the contract's shape, as pointers into its bytes objects (which the reply
+ * keeps alive); ``payload`` NULL for an entry of any other shape. */
+typedef struct {
+    const char *id, *imei, *payload;
+    Py_ssize_t id_len, payload_len;
+} Entry;
+
 typedef struct {
     char *fixed[NFIXED];
     uint8_t *validity;
     int32_t *imei_offsets, *id_offsets, *io_offsets;
     Buffer imeis, ids, io;
     IoIds io_ids;
+    Entry *entries; /* the reply's entries, read with the GIL held */
+    Py_ssize_t *skipped; /* indices of the entries not taken */
 } Columns;
 
 static void
 columns_free(Columns *cols)
 {
     for (int f = 0; f < NFIXED; f++)
-        PyMem_Free(cols->fixed[f]);
-    PyMem_Free(cols->validity);
-    PyMem_Free(cols->imei_offsets);
-    PyMem_Free(cols->id_offsets);
-    PyMem_Free(cols->io_offsets);
-    PyMem_Free(cols->imeis.data);
-    PyMem_Free(cols->ids.data);
-    PyMem_Free(cols->io.data);
-    PyMem_Free(cols->io_ids.seen);
-    PyMem_Free(cols->io_ids.ids);
+        PyMem_RawFree(cols->fixed[f]);
+    PyMem_RawFree(cols->validity);
+    PyMem_RawFree(cols->imei_offsets);
+    PyMem_RawFree(cols->id_offsets);
+    PyMem_RawFree(cols->io_offsets);
+    PyMem_RawFree(cols->imeis.data);
+    PyMem_RawFree(cols->ids.data);
+    PyMem_RawFree(cols->io.data);
+    PyMem_RawFree(cols->io_ids.seen);
+    PyMem_RawFree(cols->io_ids.ids);
+    PyMem_RawFree(cols->entries);
+    PyMem_RawFree(cols->skipped);
 }
 
 #define STORE(f, type, value)                                                               \
@@ -579,58 +592,70 @@ is_name(PyObject *item, const char *name, Py_ssize_t len)
            memcmp(PyBytes_AS_STRING(item), name, (size_t)len) == 0;
 }
 
-/* One entry's row appended: 1 taken, 0 skipped, -1 error. */
-static int
-entry_row(Columns *cols, Py_ssize_t rows, PyObject *item, Py_ssize_t max_bytes)
+/* The entry ``item`` of the reply in ``e`` when it has the contract's shape (three
+ * fields in order, version "1", a 15-byte IMEI, within the size limit); else
+ * ``e->payload`` is NULL. With the GIL held. */
+static void
+entry_of(PyObject *item, Py_ssize_t max_bytes, Entry *e)
 {
+    e->payload = NULL;
     if (!PyList_CheckExact(item) || PyList_GET_SIZE(item) != 2)
-        return 0;
+        return;
     PyObject *sid = PyList_GET_ITEM(item, 0), *flat = PyList_GET_ITEM(item, 1);
     if (!PyBytes_CheckExact(sid) || !PyList_CheckExact(flat) || PyList_GET_SIZE(flat) != 6)
-        return 0;
+        return;
     PyObject *v = bytes_at(flat, 1), *imei = bytes_at(flat, 3), *payload = bytes_at(flat, 5);
     if (!is_name(bytes_at(flat, 0), "v", 1) || !is_name(bytes_at(flat, 2), "imei", 4) ||
         !is_name(bytes_at(flat, 4), "payload", 7) || !is_name(v, "1", 1) || imei == NULL ||
         payload == NULL || PyBytes_GET_SIZE(imei) != IMEI_DIGITS)
-        return 0;
-    Py_ssize_t size = FIELD_NAME_BYTES + 1 + IMEI_DIGITS + PyBytes_GET_SIZE(payload);
-    if (size > max_bytes)
-        return 0;
-    const char *digits = PyBytes_AS_STRING(imei);
+        return;
+    if (FIELD_NAME_BYTES + 1 + IMEI_DIGITS + PyBytes_GET_SIZE(payload) > max_bytes)
+        return;
+    e->id = PyBytes_AS_STRING(sid);
+    e->id_len = PyBytes_GET_SIZE(sid);
+    e->imei = PyBytes_AS_STRING(imei);
+    e->payload = PyBytes_AS_STRING(payload);
+    e->payload_len = PyBytes_GET_SIZE(payload);
+}
+
+enum { TAKEN = 1, SKIPPED = 0, NO_MEMORY = -1, TOO_LONG = -2 };
+
+/* One entry's row appended (TAKEN), or SKIPPED, or an error. Without the GIL. */
+static int
+entry_row(Columns *cols, Py_ssize_t rows, const Entry *e)
+{
+    if (e->payload == NULL)
+        return SKIPPED;
+    const char *digits = e->imei;
     int64_t device_id = 0;
     for (int i = 0; i < IMEI_DIGITS; i++) {
         if (!is_digit(digits[i]))
-            return 0;
+            return SKIPPED;
         device_id = device_id * 10 + (digits[i] - '0');
     }
-    Py_ssize_t id_len = PyBytes_GET_SIZE(sid);
-    const char *id = PyBytes_AS_STRING(sid);
-    for (Py_ssize_t i = 0; i < id_len; i++)
-        if ((unsigned char)id[i] >= 0x80)
-            return 0; /* a stream id is ASCII */
+    for (Py_ssize_t i = 0; i < e->id_len; i++)
+        if ((unsigned char)e->id[i] >= 0x80)
+            return SKIPPED; /* a stream id is ASCII */
     Row row;
-    Py_ssize_t len = PyBytes_GET_SIZE(payload);
-    if (reserve(&cols->io, 2 * len + 16) < 0) /* the IO text is never longer */
-        return -1;
+    if (reserve(&cols->io, 2 * e->payload_len + 16) < 0) /* the IO text is never longer */
+        return NO_MEMORY;
     char *out = cols->io.data + cols->io.len;
     IoIds *io = &cols->io_ids;
-    int taken = payload_row(PyBytes_AS_STRING(payload), len, &row, &out, io);
+    int taken = payload_row(e->payload, e->payload_len, &row, &out, io);
     for (Py_ssize_t i = 0; i < io->count; i++)
         io->seen[io->ids[i] >> 3] = 0;
     io->count = 0;
     if (!taken)
-        return 0;
+        return SKIPPED;
     cols->io.len = out - cols->io.data;
-    if (cols->io.len > INT32_MAX || cols->ids.len + id_len > INT32_MAX ||
-        reserve(&cols->ids, id_len) < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_OverflowError, "a column's text exceeds 2 GiB");
-        return -1;
-    }
+    if (cols->io.len > INT32_MAX || cols->ids.len + e->id_len > INT32_MAX)
+        return TOO_LONG;
+    if (reserve(&cols->ids, e->id_len) < 0)
+        return NO_MEMORY;
     memcpy(cols->imeis.data + rows * IMEI_DIGITS, digits, IMEI_DIGITS);
     cols->imei_offsets[rows + 1] = (int32_t)((rows + 1) * IMEI_DIGITS);
-    memcpy(cols->ids.data + cols->ids.len, id, (size_t)id_len);
-    cols->ids.len += id_len;
+    memcpy(cols->ids.data + cols->ids.len, e->id, (size_t)e->id_len);
+    cols->ids.len += e->id_len;
     cols->id_offsets[rows + 1] = (int32_t)cols->ids.len;
     cols->io_offsets[rows + 1] = (int32_t)cols->io.len;
     STORE(F_DEVICE_ID, int64_t, device_id);
@@ -648,7 +673,7 @@ entry_row(Columns *cols, Py_ssize_t rows, PyObject *item, Py_ssize_t max_bytes)
     STORE(F_GENERATION, int16_t, row.generation < 0 ? 0 : row.generation);
     if (row.generation >= 0)
         cols->validity[rows >> 3] |= (uint8_t)(1u << (rows & 7));
-    return 1;
+    return TAKEN;
 }
 
 static PyObject *
@@ -657,101 +682,451 @@ bytes_of(const void *data, Py_ssize_t len)
     return PyBytes_FromStringAndSize((const char *)data, len);
 }
 
-static PyObject *
-export_columns(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* Columns for ``n`` entries allocated (``cols`` zeroed first); -1 with an exception. */
+static int
+columns_alloc(Columns *cols, Py_ssize_t n, Py_ssize_t max_io)
 {
-    if (nargs != 3 || !PyList_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "export_columns(items: list, max_entry_bytes: int, max_io_elements: int)");
-        return NULL;
-    }
-    PyObject *items = args[0];
-    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t max_io = PyLong_AsSsize_t(args[2]);
-    if ((max_bytes == -1 || max_io == -1) && PyErr_Occurred())
-        return NULL;
-    if (max_io < 0)
-        max_io = 0;
-    Py_ssize_t n = PyList_GET_SIZE(items);
-    Columns cols;
-    memset(&cols, 0, sizeof cols);
-    PyObject *skipped = PyList_New(0), *result = NULL;
-    if (skipped == NULL)
-        return NULL;
     Py_ssize_t slots = n ? n : 1;
     int failed = 0;
     for (int f = 0; f < NFIXED; f++)
-        failed |= (cols.fixed[f] = PyMem_Malloc((size_t)(slots * WIDTH[f]))) == NULL;
-    failed |= (cols.validity = PyMem_Calloc((size_t)(slots + 7) / 8, 1)) == NULL;
-    failed |= (cols.imei_offsets = PyMem_Calloc((size_t)slots + 1, sizeof(int32_t))) == NULL;
-    failed |= (cols.id_offsets = PyMem_Calloc((size_t)slots + 1, sizeof(int32_t))) == NULL;
-    failed |= (cols.io_offsets = PyMem_Calloc((size_t)slots + 1, sizeof(int32_t))) == NULL;
-    failed |= (cols.io_ids.seen = PyMem_Calloc(65536 / 8, 1)) == NULL;
+        failed |= (cols->fixed[f] = PyMem_RawMalloc((size_t)(slots * WIDTH[f]))) == NULL;
+    failed |= (cols->validity = PyMem_RawCalloc((size_t)(slots + 7) / 8, 1)) == NULL;
+    failed |= (cols->imei_offsets = PyMem_RawCalloc((size_t)slots + 1, sizeof(int32_t))) == NULL;
+    failed |= (cols->id_offsets = PyMem_RawCalloc((size_t)slots + 1, sizeof(int32_t))) == NULL;
+    failed |= (cols->io_offsets = PyMem_RawCalloc((size_t)slots + 1, sizeof(int32_t))) == NULL;
+    failed |= (cols->io_ids.seen = PyMem_RawCalloc(65536 / 8, 1)) == NULL;
     /* IO ids are distinct 16-bit numbers: never more than 65,536 in one object */
     size_t io_slots = (size_t)(max_io < 65536 ? max_io : 65536) + 1;
-    failed |= (cols.io_ids.ids = PyMem_Malloc(io_slots * sizeof(uint16_t))) == NULL;
-    cols.io_ids.max_io = max_io;
+    failed |= (cols->io_ids.ids = PyMem_RawMalloc(io_slots * sizeof(uint16_t))) == NULL;
+    cols->io_ids.max_io = max_io;
+    failed |= (cols->entries = PyMem_RawCalloc((size_t)slots, sizeof(Entry))) == NULL;
+    failed |= (cols->skipped = PyMem_RawMalloc((size_t)slots * sizeof(Py_ssize_t))) == NULL;
+    failed |= reserve(&cols->imeis, slots * IMEI_DIGITS) < 0 ||
+              reserve(&cols->io, slots * 256) < 0 || reserve(&cols->ids, slots * 16) < 0;
     if (failed) {
         PyErr_NoMemory();
-        goto finally;
+        return -1;
     }
-    if (reserve(&cols.imeis, slots * IMEI_DIGITS) < 0 || reserve(&cols.io, slots * 256) < 0 ||
-        reserve(&cols.ids, slots * 16) < 0)
-        goto finally;
-    Py_ssize_t rows = 0, nulls = 0;
+    return 0;
+}
+
+/* The rows of ``cols->entries`` (``n`` of them, filled with the GIL held), parsed with the
+ * GIL released: (rows, buffers, generation_nulls, skipped), or NULL with an exception.
+ * The entries' bytes must stay alive and unchanged meanwhile (the caller holds them). */
+static PyObject *
+columns_build(Columns *cols, Py_ssize_t n)
+{
+    Py_ssize_t rows = 0, nulls = 0, nskipped = 0;
+    int error = TAKEN;
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        int taken = entry_row(&cols, rows, PyList_GET_ITEM(items, i), max_bytes);
-        if (taken < 0)
-            goto finally;
-        if (taken) {
-            nulls += !(cols.validity[rows >> 3] >> (rows & 7) & 1);
+        int taken = entry_row(cols, rows, &cols->entries[i]);
+        if (taken == TAKEN) {
+            nulls += !(cols->validity[rows >> 3] >> (rows & 7) & 1);
             rows++;
-            continue;
         }
-        PyObject *index = PyLong_FromSsize_t(i);
-        if (index == NULL || PyList_Append(skipped, index) < 0) {
-            Py_XDECREF(index);
-            goto finally;
+        else if (taken == SKIPPED)
+            cols->skipped[nskipped++] = i;
+        else {
+            error = taken;
+            break;
         }
-        Py_DECREF(index);
+    }
+    Py_END_ALLOW_THREADS
+    if (error == NO_MEMORY)
+        return PyErr_NoMemory();
+    if (error == TOO_LONG) {
+        PyErr_SetString(PyExc_OverflowError, "a column's text exceeds 2 GiB");
+        return NULL;
+    }
+    PyObject *skipped = PyList_New(nskipped);
+    if (skipped == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < nskipped; k++) {
+        PyObject *index = PyLong_FromSsize_t(cols->skipped[k]);
+        if (index == NULL) {
+            Py_DECREF(skipped);
+            return NULL;
+        }
+        PyList_SET_ITEM(skipped, k, index);
     }
     PyObject *buffers = PyTuple_New(NFIXED + 1 + 6);
-    if (buffers == NULL)
-        goto finally;
+    if (buffers == NULL) {
+        Py_DECREF(skipped);
+        return NULL;
+    }
     Py_ssize_t slot = 0;
 #define ADD(obj)                                                                            \
     do {                                                                                    \
         PyObject *o_ = (obj);                                                               \
         if (o_ == NULL) {                                                                   \
             Py_DECREF(buffers);                                                             \
-            goto finally;                                                                   \
+            Py_DECREF(skipped);                                                             \
+            return NULL;                                                                    \
         }                                                                                   \
         PyTuple_SET_ITEM(buffers, slot++, o_);                                              \
     } while (0)
-    ADD(bytes_of(cols.imei_offsets, (rows + 1) * 4));
-    ADD(bytes_of(cols.imeis.data, rows * IMEI_DIGITS));
+    ADD(bytes_of(cols->imei_offsets, (rows + 1) * 4));
+    ADD(bytes_of(cols->imeis.data, rows * IMEI_DIGITS));
     for (int f = F_DEVICE_ID; f < F_GENERATION; f++)
-        ADD(bytes_of(cols.fixed[f], rows * WIDTH[f]));
+        ADD(bytes_of(cols->fixed[f], rows * WIDTH[f]));
     if (nulls) {
-        ADD(bytes_of(cols.validity, (rows + 7) / 8));
+        ADD(bytes_of(cols->validity, (rows + 7) / 8));
     }
     else {
         ADD(Py_NewRef(Py_None));
     }
-    ADD(bytes_of(cols.fixed[F_GENERATION], rows * WIDTH[F_GENERATION]));
-    ADD(bytes_of(cols.id_offsets, (rows + 1) * 4));
-    ADD(bytes_of(cols.ids.data, cols.ids.len));
-    ADD(bytes_of(cols.io_offsets, (rows + 1) * 4));
-    ADD(bytes_of(cols.io.data, cols.io.len));
+    ADD(bytes_of(cols->fixed[F_GENERATION], rows * WIDTH[F_GENERATION]));
+    ADD(bytes_of(cols->id_offsets, (rows + 1) * 4));
+    ADD(bytes_of(cols->ids.data, cols->ids.len));
+    ADD(bytes_of(cols->io_offsets, (rows + 1) * 4));
+    ADD(bytes_of(cols->io.data, cols->io.len));
 #undef ADD
-    result = Py_BuildValue("(nNnO)", rows, buffers, nulls, skipped);
-finally:
+    return Py_BuildValue("(nNnN)", rows, buffers, nulls, skipped);
+}
+
+static int
+limits_of(PyObject *const *args, Py_ssize_t *max_bytes, Py_ssize_t *max_io)
+{
+    *max_bytes = PyLong_AsSsize_t(args[0]);
+    *max_io = PyLong_AsSsize_t(args[1]);
+    if ((*max_bytes == -1 || *max_io == -1) && PyErr_Occurred())
+        return -1;
+    if (*max_io < 0)
+        *max_io = 0;
+    return 0;
+}
+
+static PyObject *
+export_columns(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t max_bytes, max_io;
+    if (nargs != 3 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "export_columns(items: list, max_entry_bytes: int, max_io_elements: int)");
+        return NULL;
+    }
+    if (limits_of(args + 1, &max_bytes, &max_io) < 0)
+        return NULL;
+    PyObject *items = args[0], *result = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    Columns cols;
+    memset(&cols, 0, sizeof cols);
+    if (columns_alloc(&cols, n, max_io) == 0) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            entry_of(PyList_GET_ITEM(items, i), max_bytes, &cols.entries[i]);
+        /* ``items`` (held by this call) keeps the entries' bytes alive */
+        result = columns_build(&cols, n);
+    }
     columns_free(&cols);
-    Py_DECREF(skipped);
+    return result;
+}
+
+/* --- Raw RESP2 replies ------------------------------------------------------------------
+ * The exporter may read XREADGROUP's reply as bytes (no Python object per entry or field)
+ * and hand it here whole: resp_scan says when the bytes hold the whole reply, and
+ * export_reply builds the columns from it. */
+
+#define RESP_DEPTH 8
+
+/* "<type><integer>\r\n" at ``*pp``: the integer, after it; 0 when not there (yet). */
+static int
+resp_int(const char **pp, const char *end, char type, Py_ssize_t *out)
+{
+    const char *p = *pp;
+    if (p >= end || *p != type)
+        return 0;
+    p++;
+    int negative = p < end && *p == '-';
+    p += negative;
+    const char *start = p;
+    Py_ssize_t value = 0;
+    while (p < end && is_digit(*p)) {
+        value = value * 10 + (*p - '0');
+        if (++p - start > 18)
+            return 0;
+    }
+    if (p == start || end - p < 2 || p[0] != '\r' || p[1] != '\n')
+        return 0;
+    *out = negative ? -value : value;
+    *pp = p + 2;
+    return 1;
+}
+
+/* A bulk string at ``*pp``: its data and length, after it; 0 when not there. */
+static int
+resp_bulk(const char **pp, const char *end, const char **data, Py_ssize_t *len)
+{
+    const char *p = *pp;
+    Py_ssize_t n;
+    if (!resp_int(&p, end, '$', &n) || n < 0 || end - p < n + 2)
+        return 0;
+    *data = p;
+    *len = n;
+    *pp = p + n + 2; /* the CRLF after the data is not looked at (see export_reply) */
+    return 1;
+}
+
+/* resp_scan(buffer, end, pos, stack) -> (pos, stack), stack None once the reply is whole.
+ * Resumable: ``stack`` holds the elements still expected at each open array (innermost
+ * last), (1,) for a reply not begun; only the bytes from ``pos`` on are looked at. */
+static PyObject *
+resp_scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (nargs != 4 || !PyTuple_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "resp_scan(buffer, end: int, pos: int, stack: tuple)");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t end_at = PyLong_AsSsize_t(args[1]), pos = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t counts[RESP_DEPTH], depth = PyTuple_GET_SIZE(args[3]);
+    PyObject *result = NULL;
+    if ((end_at == -1 || pos == -1) && PyErr_Occurred())
+        goto finally;
+    if (end_at > view.len || pos < 0 || pos > end_at || depth < 1 || depth > RESP_DEPTH) {
+        PyErr_SetString(PyExc_ValueError, "resp_scan: position or stack out of range");
+        goto finally;
+    }
+    for (Py_ssize_t d = 0; d < depth; d++)
+        counts[d] = PyLong_AsSsize_t(PyTuple_GET_ITEM(args[3], d));
+    if (PyErr_Occurred())
+        goto finally;
+    const char *base = view.buf, *p = base + pos, *end = base + end_at;
+    while (depth) {
+        const char *line = memchr(p, '\n', (size_t)(end - p));
+        if (line == NULL)
+            break; /* more bytes needed */
+        const char *at = p;
+        Py_ssize_t n = 0;
+        switch (*p) {
+        case '*':
+            if (!resp_int(&at, end, '*', &n))
+                goto malformed;
+            p = at;
+            if (n > 0) {
+                if (depth == RESP_DEPTH)
+                    goto malformed;
+                counts[depth++] = n;
+                continue; /* the array is whole when its elements are */
+            }
+            break;
+        case '$':
+            if (!resp_int(&at, end, '$', &n))
+                goto malformed;
+            if (n >= 0) {
+                if (end - at < n + 2)
+                    goto more; /* the data is not all here: read the header again then */
+                at += n + 2;
+            }
+            p = at;
+            break;
+        case '+':
+        case '-':
+        case ':':
+            p = line + 1;
+            break;
+        default:
+            goto malformed;
+        }
+        /* an element is whole: so is every array it completes */
+        while (depth && --counts[depth - 1] == 0)
+            depth--;
+    }
+more:
+    if (depth == 0) {
+        result = Py_BuildValue("(nO)", (Py_ssize_t)(p - base), Py_None);
+        goto finally;
+    }
+    PyObject *stack = PyTuple_New(depth);
+    if (stack == NULL)
+        goto finally;
+    for (Py_ssize_t d = 0; d < depth; d++) {
+        PyObject *count = PyLong_FromSsize_t(counts[d]);
+        if (count == NULL) {
+            Py_DECREF(stack);
+            goto finally;
+        }
+        PyTuple_SET_ITEM(stack, d, count);
+    }
+    result = Py_BuildValue("(nN)", (Py_ssize_t)(p - base), stack);
+    goto finally;
+malformed:
+    PyErr_SetString(PyExc_ValueError, "not a RESP2 reply");
+finally:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* The fields of the entry whose field array starts at ``p`` as a list of bytes (empty
+ * for a nil array): what redis-py would give, for the contract decoder. */
+static PyObject *
+fields_list(const char *p, const char *end)
+{
+    Py_ssize_t n;
+    if (!resp_int(&p, end, '*', &n) || n < 0)
+        return PyList_New(0);
+    PyObject *list = PyList_New(n);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        const char *data;
+        Py_ssize_t len;
+        PyObject *item = resp_bulk(&p, end, &data, &len) ? bytes_of(data, len) : NULL;
+        if (item == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "an entry's fields are not bulk strings");
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, k, item);
+    }
+    return list;
+}
+
+/* export_reply(buffer, end, max_entry_bytes, max_io_elements)
+ *   -> (rows, buffers, generation_nulls, skipped, skipped_items, ids)
+ * The columns of a whole raw RESP2 XREADGROUP reply of one stream (``buffer[:end]``, a
+ * writable buffer: the byte after each payload is overwritten with the NUL the parser
+ * stops at), as export_columns gives them; ``skipped_items`` holds [id, fields] of each
+ * skipped entry as redis-py would give them, ``ids`` every id read, space-separated. */
+static PyObject *
+export_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t max_bytes, max_io;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "export_reply(buffer, end, max_entry_bytes, max_io_elements)");
+        return NULL;
+    }
+    if (limits_of(args + 2, &max_bytes, &max_io) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    Py_ssize_t end_at = PyLong_AsSsize_t(args[1]);
+    PyObject *result = NULL, *columns = NULL, *items = NULL, *ids = NULL;
+    const char **fields_at = NULL;
+    Columns cols;
+    memset(&cols, 0, sizeof cols);
+    Buffer id_text = {0};
+    if (end_at == -1 && PyErr_Occurred())
+        goto finally;
+    if (end_at < 0 || end_at > view.len) {
+        PyErr_SetString(PyExc_ValueError, "export_reply: end out of range");
+        goto finally;
+    }
+    char *base = view.buf;
+    const char *p = base, *end = base + end_at, *name;
+    Py_ssize_t n, streams, pair, name_len;
+    if (!resp_int(&p, end, '*', &streams) || streams != 1 || !resp_int(&p, end, '*', &pair) ||
+        pair != 2 || !resp_bulk(&p, end, &name, &name_len) || !resp_int(&p, end, '*', &n) ||
+        n < 0) {
+        PyErr_SetString(PyExc_ValueError, "not an XREADGROUP reply of one stream");
+        goto finally;
+    }
+    if (columns_alloc(&cols, n, max_io) < 0)
+        goto finally;
+    fields_at = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(char *));
+    if (fields_at == NULL || reserve(&id_text, n * 16 + 1) < 0) {
+        PyErr_NoMemory();
+        goto finally;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *id, *value[6];
+        Py_ssize_t id_len, value_len[6], count;
+        if (!resp_int(&p, end, '*', &pair) || pair != 2 || !resp_bulk(&p, end, &id, &id_len)) {
+            PyErr_SetString(PyExc_ValueError, "an entry of the reply is not [id, fields]");
+            goto finally;
+        }
+        if (reserve(&id_text, id_len + 1) < 0) {
+            PyErr_NoMemory();
+            goto finally;
+        }
+        if (i)
+            id_text.data[id_text.len++] = ' ';
+        memcpy(id_text.data + id_text.len, id, (size_t)id_len);
+        id_text.len += id_len;
+        fields_at[i] = p;
+        if (!resp_int(&p, end, '*', &count)) {
+            PyErr_SetString(PyExc_ValueError, "an entry's fields are not an array");
+            goto finally;
+        }
+        for (Py_ssize_t k = 0; k < count; k++) {
+            const char *data;
+            Py_ssize_t len;
+            if (!resp_bulk(&p, end, &data, &len)) {
+                PyErr_SetString(PyExc_ValueError, "an entry's fields are not bulk strings");
+                goto finally;
+            }
+            if (k < 6) {
+                value[k] = data;
+                value_len[k] = len;
+            }
+        }
+        Entry *e = &cols.entries[i]; /* zeroed: payload NULL (skipped) unless set below */
+        e->id = id;
+        e->id_len = id_len;
+        if (count == 6 && value_len[0] == 1 && value[0][0] == 'v' && value_len[2] == 4 &&
+            memcmp(value[2], "imei", 4) == 0 && value_len[4] == 7 &&
+            memcmp(value[4], "payload", 7) == 0 && value_len[1] == 1 && value[1][0] == '1' &&
+            value_len[3] == IMEI_DIGITS &&
+            FIELD_NAME_BYTES + 1 + IMEI_DIGITS + value_len[5] <= max_bytes) {
+            e->imei = value[3];
+            e->payload = value[5];
+            e->payload_len = value_len[5];
+            base[value[5] - base + value_len[5]] = '\0'; /* was the CR after the payload */
+        }
+    }
+    if (p != end) {
+        PyErr_SetString(PyExc_ValueError, "bytes after the XREADGROUP reply");
+        goto finally;
+    }
+    columns = columns_build(&cols, n); /* the buffer is held by ``view`` */
+    if (columns == NULL)
+        goto finally;
+    PyObject *skipped = PyTuple_GET_ITEM(columns, 3);
+    Py_ssize_t nskipped = PyList_GET_SIZE(skipped);
+    items = PyList_New(nskipped);
+    if (items == NULL)
+        goto finally;
+    for (Py_ssize_t k = 0; k < nskipped; k++) {
+        Py_ssize_t i = PyLong_AsSsize_t(PyList_GET_ITEM(skipped, k));
+        PyObject *fields = fields_list(fields_at[i], end);
+        PyObject *id = bytes_of(cols.entries[i].id, cols.entries[i].id_len);
+        PyObject *item = (fields && id) ? PyList_New(2) : NULL;
+        if (item == NULL) {
+            Py_XDECREF(fields);
+            Py_XDECREF(id);
+            goto finally;
+        }
+        PyList_SET_ITEM(item, 0, id);
+        PyList_SET_ITEM(item, 1, fields);
+        PyList_SET_ITEM(items, k, item);
+    }
+    ids = bytes_of(id_text.data, id_text.len);
+    if (ids == NULL)
+        goto finally;
+    result = Py_BuildValue("(OOOOOO)", PyTuple_GET_ITEM(columns, 0), PyTuple_GET_ITEM(columns, 1),
+                           PyTuple_GET_ITEM(columns, 2), skipped, items, ids);
+finally:
+    Py_XDECREF(columns);
+    Py_XDECREF(items);
+    Py_XDECREF(ids);
+    PyMem_RawFree(fields_at);
+    PyMem_RawFree(id_text.data);
+    columns_free(&cols);
+    PyBuffer_Release(&view);
     return result;
 }
 
 static PyMethodDef methods[] = {
+    {"resp_scan", (PyCFunction)(void (*)(void))resp_scan, METH_FASTCALL,
+     "resp_scan(buffer, end, pos, stack) -> (pos, stack or None once the reply is whole)."},
+    {"export_reply", (PyCFunction)(void (*)(void))export_reply, METH_FASTCALL,
+     "export_reply(buffer, end, max_entry_bytes, max_io_elements) -> (rows, buffers, "
+     "generation_nulls, skipped, skipped_items, ids)."},
     {"export_columns", (PyCFunction)(void (*)(void))export_columns, METH_FASTCALL,
      "export_columns(items, max_entry_bytes, max_io_elements) -> (rows, buffers, "
      "generation_nulls, skipped)."},
@@ -767,5 +1142,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__export_columns(void)
 {
+    c_locale = newlocale(LC_NUMERIC_MASK, "C", (locale_t)0);
+    if (c_locale == (locale_t)0)
+        return PyErr_SetFromErrno(PyExc_OSError);
     return PyModule_Create(&module);
 }

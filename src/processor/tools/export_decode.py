@@ -32,19 +32,22 @@ from typing import Any, Final
 
 import pyarrow as pa
 import redis
+from redis.exceptions import ResponseError
 
 from processor.adapters.redis_stream import Fields
 from processor.core.contract import decode_entry, decode_run
 from processor.core.gc_tuning import tune_for_throughput
 from processor.core.records import Record, Rejection
+from processor.logs import get_logger
 from processor.tools.export_schema import batch_from_buffers, records_to_batch
 
 try:  # the native column builder (optional: without a compiler the Python path runs)
-    from processor.tools._export_columns import export_columns
+    from processor.tools._export_columns import export_columns, export_reply, resp_scan
 except ImportError:  # pragma: no cover - a build without the C extension
-    export_columns = None  # type: ignore[assignment]
+    export_columns = export_reply = resp_scan = None  # type: ignore[assignment]
 
 NATIVE: Final = export_columns is not None
+READ_THREADS: Final = 2 if NATIVE else 1
 
 Entries = Sequence[tuple[str, Fields]]
 
@@ -130,6 +133,10 @@ def _read_with(
     max_entry_bytes: int,
     max_io_elements: int,
 ) -> Decoded:
+    if export_reply is not None:
+        decoded = _read_raw(client, spec, count, block_ms, max_entry_bytes, max_io_elements)
+        if decoded is not None:
+            return decoded
     response = client.xreadgroup(
         spec.group, spec.consumer, {spec.stream: ">"}, count=count, block=block_ms
     )
@@ -138,7 +145,7 @@ def _read_with(
         return EMPTY
     ids = b" ".join(map(_first, items)).decode("ascii")  # one decode, not one per entry
     if export_columns is not None:
-        return _read_native(items, ids, max_entry_bytes, max_io_elements)
+        return decode_items(items, ids, max_entry_bytes, max_io_elements)
     flats = list(map(_second, items))
     del response, items  # the reply is now held by ``flats`` only, and freed run by run
     # A run's records become Arrow columns while they are still in the CPU's caches, and
@@ -160,30 +167,136 @@ def _read_with(
     )
 
 
-def _read_native(items: list[Any], ids: str, max_entry_bytes: int, max_io_elements: int) -> Decoded:
-    """A read's rows built by the native column builder, straight from the reply.
+_NIL_REPLY: Final = b"*-1\r\n"  # XREADGROUP's reply when BLOCK ran out (RESP2)
+_reading = threading.local()  # each reading thread's reply buffer, kept between reads
 
-    The builder takes every entry it is certain the contract decoder accepts, and gives
-    exactly that entry's row; the entries it leaves (``skipped``) are decoded here by the
-    contract decoder, which accepts or rejects them, and their rows are put back in
-    stream order between the native rows.
+
+def _read_raw(
+    client: redis.Redis,
+    spec: StreamSpec,
+    count: int,
+    block_ms: int,
+    max_entry_bytes: int,
+    max_io_elements: int,
+) -> Decoded | None:
+    """Read new entries with the reply kept as bytes, and build their columns natively.
+
+    hiredis would make a Python object of every entry and field (about a quarter of the
+    export's CPU); here the reply is received into one buffer and the native builder reads
+    it in place. None when the connection speaks RESP3, or failed before a whole reply came
+    (the caller then reads through redis-py, which reconnects and retries; entries the
+    lost reply delivered stay pending, as with any lost reply, and are exported on restart).
     """
+    assert export_reply is not None
+    pool = client.connection_pool
+    connection: Any = pool.get_connection()
+    try:
+        if str(connection.protocol) != "2":
+            return None
+        command = connection.pack_command(
+            "XREADGROUP",
+            "GROUP",
+            spec.group,
+            spec.consumer,
+            "COUNT",
+            count,
+            "BLOCK",
+            block_ms,
+            "STREAMS",
+            spec.stream,
+            ">",
+        )
+        connection.send_packed_command(command)
+        buffer, end = _receive(connection)
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        connection.disconnect()
+        _log_fallback(exc)
+        return None
+    except BaseException:
+        connection.disconnect()  # a reply may be left unread: not reusable
+        raise
+    finally:
+        pool.release(connection)
+    if buffer[0] == ord("-"):  # an error reply (NOGROUP after a Redis restart, say)
+        raise ResponseError(bytes(buffer[1 : end - 2]).decode("utf-8", "replace"))
+    if buffer[:end] == _NIL_REPLY:
+        return EMPTY
+    return decode_reply(buffer, end, max_entry_bytes, max_io_elements)
+
+
+def decode_items(items: list[Any], ids: str, max_entry_bytes: int, max_io_elements: int) -> Decoded:
+    """The entries of a parsed XREADGROUP reply (``[id, fields]`` items; ``ids`` theirs,
+    space-separated) through the native column builder."""
     assert export_columns is not None
     rows, buffers, nulls, skipped = export_columns(items, max_entry_bytes, max_io_elements)
     chunk = batch_from_buffers(rows, buffers, nulls)
+    left = [items[index] for index in skipped]
+    return _merge(chunk, skipped, left, ids, max_entry_bytes, max_io_elements)
+
+
+def decode_reply(
+    buffer: bytearray, end: int, max_entry_bytes: int, max_io_elements: int
+) -> Decoded:
+    """The entries of a whole raw RESP2 XREADGROUP reply of one stream (``buffer[:end]``)
+    through the native column builder."""
+    assert export_reply is not None
+    built = export_reply(buffer, end, max_entry_bytes, max_io_elements)
+    rows, buffers, nulls, skipped, left, ids = built
+    chunk = batch_from_buffers(rows, buffers, nulls)
+    return _merge(chunk, skipped, left, ids.decode("ascii"), max_entry_bytes, max_io_elements)
+
+
+def _receive(connection: Any) -> tuple[bytearray, int]:
+    """One whole reply from the connection's socket, as bytes: the buffer and its end."""
+    assert resp_scan is not None
+    sock = connection._sock  # the connected socket (plain, TLS or Unix) of redis-py 8
+    buffer: bytearray = getattr(_reading, "buffer", None) or bytearray(1 << 20)
+    filled, pos = 0, 0
+    stack: tuple[int, ...] | None = (1,)
+    while stack is not None:
+        if filled == len(buffer):
+            buffer.extend(bytes(len(buffer)))
+        with memoryview(buffer) as view:
+            got = sock.recv_into(view[filled:])
+        if not got:
+            raise redis.ConnectionError("Redis closed the connection during a read")
+        filled += got
+        pos, stack = resp_scan(buffer, filled, pos, stack)
+    _reading.buffer = buffer
+    if pos != filled:
+        raise redis.ConnectionError("bytes after the XREADGROUP reply")
+    return buffer, pos
+
+
+def _log_fallback(exc: BaseException) -> None:
+    get_logger("export").warning("raw read failed, reading through redis-py", error=str(exc))
+
+
+def _merge(
+    chunk: pa.RecordBatch,
+    skipped: list[int],
+    left: list[Any],
+    ids: str,
+    max_entry_bytes: int,
+    max_io_elements: int,
+) -> Decoded:
+    """The native rows of a read with the entries the builder left (``skipped``: their
+    indices in the read, ``left``: their ``[id, fields]``) decoded by the contract
+    decoder, which accepts or rejects them; their rows are put back in stream order."""
+    rows = chunk.num_rows
     if not skipped:
         return Decoded(chunk if rows else None, ids=ids)
-    id_list = ids.split(" ")
     pieces: list[pa.RecordBatch] = []
     rejections: list[tuple[str, Rejection, Fields]] = []
     taken = 0  # native rows placed so far
-    for before, index in enumerate(skipped):
+    for before, (index, item) in enumerate(zip(skipped, left, strict=True)):
         native_rows = index - before - taken  # native rows between the previous and this
         if native_rows:
             pieces.append(chunk.slice(taken, native_rows))
             taken += native_rows
+        sid = item[0].decode("ascii")
         records, rejected = decode_entries(
-            _entries([id_list[index]], [items[index][1]]), max_entry_bytes, max_io_elements
+            _entries([sid], [item[1]]), max_entry_bytes, max_io_elements
         )
         if records:
             pieces.append(records_to_batch(records))
@@ -303,8 +416,11 @@ def _client(spec: StreamSpec) -> redis.Redis:
 
 
 def _raw_client(spec: StreamSpec) -> redis.Redis:
-    """A connection whose XREADGROUP replies are left as parsed (no field dicts built)."""
-    client = redis.Redis.from_url(spec.url)
+    """A connection whose XREADGROUP replies are left as parsed (no field dicts built).
+
+    It speaks RESP2 (redis-py 8 would choose RESP3), the protocol whose replies the
+    native builder reads as bytes (see :func:`_read_raw`)."""
+    client = redis.Redis.from_url(spec.url, protocol=2)
     client.set_response_callback("XREADGROUP", _raw)
     return client
 
@@ -356,7 +472,9 @@ class ChunkDecoder:
                 initargs=(os.getpid(),),
             )
         elif stream is not None:  # reads block on Redis: not in the event loop's thread
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="export-read")
+            # Two reading threads: one waits for Redis while the other parses its reply
+            # (the native column builder parses without the GIL).
+            self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="export-read")
             self._client = _raw_client(stream)
 
     @property
