@@ -167,7 +167,8 @@ def _read_with(
     )
 
 
-_NIL_REPLY: Final = b"*-1\r\n"  # XREADGROUP's reply when BLOCK ran out (RESP2)
+# XREADGROUP's reply when BLOCK ran out (RESP2), and an empty one
+_EMPTY_REPLIES: Final = frozenset({b"*-1\r\n", b"*0\r\n"})
 _reading = threading.local()  # each reading thread's reply buffer, kept between reads
 
 
@@ -219,7 +220,7 @@ def _read_raw(
         pool.release(connection)
     if buffer[0] == ord("-"):  # an error reply (NOGROUP after a Redis restart, say)
         raise ResponseError(bytes(buffer[1 : end - 2]).decode("utf-8", "replace"))
-    if buffer[:end] == _NIL_REPLY:
+    if end <= 5 and bytes(buffer[:end]) in _EMPTY_REPLIES:
         return EMPTY
     return decode_reply(buffer, end, max_entry_bytes, max_io_elements)
 
