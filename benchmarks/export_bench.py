@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
-import resource
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import redis
 
@@ -66,21 +68,66 @@ def load_stream(client: redis.Redis, stream: str, entries: list[dict[bytes, byte
 Rate = tuple[float, int, float, float, float]
 
 
+class WorkerCpu:
+    """CPU seconds of this process's children (the decode workers), sampled every 20 ms
+    while an export runs, so that their CPU between two moments can be read off (their
+    start-up, before the export's first read, left out). The children are looked for
+    every 0.25 s, their CPU read every sample (one small /proc read each)."""
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[float, float]] = []  # (perf_counter, CPU seconds so far)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> WorkerCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        children: dict[int, psutil.Process] = {}
+        last: dict[int, float] = {}
+        looked = 0.0
+        while not self._stop.is_set():
+            now = time.perf_counter()
+            if now - looked >= 0.25:
+                children.update((child.pid, child) for child in me.children(recursive=True))
+                looked = now
+            for pid, child in children.items():
+                with contextlib.suppress(psutil.Error):  # exited meanwhile: its last value
+                    times = child.cpu_times()
+                    last[pid] = times.user + times.system
+            self._samples.append((time.perf_counter(), sum(last.values())))
+            time.sleep(0.02)
+
+    def between(self, start: float, end: float) -> float:
+        """CPU seconds the children used from ``start`` to ``end`` (interpolated)."""
+        return self._at(end) - self._at(start)
+
+    def _at(self, moment: float) -> float:
+        samples = self._samples
+        after = next((n for n, (at, _) in enumerate(samples) if at >= moment), len(samples))
+        if after == 0 or after == len(samples):
+            return samples[min(after, len(samples) - 1)][1] if samples else 0.0
+        (t0, v0), (t1, v1) = samples[after - 1], samples[after]
+        return v0 + (v1 - v0) * (moment - t0) / (t1 - t0)
+
+
 def export_rate(settings: Settings, out: Path, count: int, client: redis.Redis) -> Rate:
     """Records/s of one burst export (first read to last rename), files written, and the
-    CPU time per record in µs of the exporter process, of its decode workers (their
-    start-up, measured by an export of an empty stream, not included) and of the Redis
+    CPU time per record in µs of the exporter process, of its decode workers (from the
+    first read to the last rename: their start-up is not included) and of the Redis
     server (all its clients: the figure includes whatever else uses that server)."""
-    empty = settings.model_copy(update={"stream": f"{settings.stream}:empty"})
-    children = _children_cpu()
-    asyncio.run(run_export(empty, out / "empty", burst=True, handle_signals=False))
-    start_up = _children_cpu() - children
     cpu = time.process_time()
-    children = _children_cpu()
     server = _redis_cpu(client)
-    stats = asyncio.run(run_export(settings, out, burst=True, handle_signals=False))
+    with WorkerCpu() as workers:
+        stats = asyncio.run(run_export(settings, out, burst=True, handle_signals=False))
     cpu_us = (time.process_time() - cpu) / count * 1e6
-    workers_us = (_children_cpu() - children - start_up) / count * 1e6  # joined on exit
+    workers_us = workers.between(stats.first_read_at, stats.last_rename_at) / count * 1e6
     redis_us = (_redis_cpu(client) - server) / count * 1e6
     assert stats.rows == count, f"exported {stats.rows} of {count}"
     rate = count / (stats.last_rename_at - stats.first_read_at)
@@ -90,11 +137,6 @@ def export_rate(settings: Settings, out: Path, count: int, client: redis.Redis) 
 def _redis_cpu(client: redis.Redis) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def prebuilt_records(entries: list[dict[bytes, bytes]]) -> list[Record]:
