@@ -1,18 +1,20 @@
 """Stream entries to Arrow chunks, in this process or in a pool of worker processes.
 
-Decoding (the contract decoder) and column building are the export's CPU cost; the GIL
-keeps them on one core. Two ways in:
+Decoding and column building are the export's CPU cost. Two ways in:
 
 - :meth:`ChunkDecoder.read_new` (the hot path): the decoder reads the next new entries
   itself (``XREADGROUP … >`` on a connection of its own, in the exporter's consumer name)
   and decodes them, so an entry never exists as a Python object in the exporter: what
   comes back is the Arrow chunk, the ids read (one string) and the rejections. With
-  ``workers > 0`` this runs in worker processes, else in one thread of the exporter.
+  ``workers > 0`` this runs in worker processes, else in two reading threads of the
+  exporter. With the C extension the reply is kept as bytes and its payloads parsed
+  straight into Arrow buffers without the GIL (:func:`_read_raw`).
 - :meth:`ChunkDecoder.submit`: entries the exporter read itself (its own pending entries
   on start, entries claimed from idle consumers) are sent to be decoded.
 
-The result is the same either way: :func:`decode_entries` is the one code path from
-stream entries to rows.
+The rows and rejections are the same either way: the contract decoder's. The native
+builder takes only entries the contract decoder certainly accepts and writes exactly
+their rows; every other entry goes through :func:`decode_entries`.
 """
 
 from __future__ import annotations
