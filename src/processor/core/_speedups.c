@@ -917,6 +917,22 @@ attribute_copy(PyObject *module, PyObject *rows_arg)
     return out;
 }
 
+/* The next space-separated word of [*pp, end): its start and length; 0 when none is left. */
+static int
+next_word(const char **pp, const char *end, const char **word, Py_ssize_t *len)
+{
+    const char *p = *pp;
+    while (p < end && *p == ' ')
+        p++;
+    if (p == end)
+        return 0;
+    const char *stop = memchr(p, ' ', (size_t)(end - p));
+    *word = p;
+    *len = (stop ? stop : end) - p;
+    *pp = p + *len;
+    return 1;
+}
+
 /* resp_bulks(text) -> (count, bytes): each space-separated word of ``text`` as a RESP
  * bulk string (``$<length>\r\n<word>\r\n``), for a command of many arguments (XACK of
  * a whole batch) packed without a Python call per argument. */
@@ -927,37 +943,22 @@ resp_bulks(PyObject *module, PyObject *arg)
         PyErr_SetString(PyExc_TypeError, "resp_bulks(text: bytes)");
         return NULL;
     }
-    const char *text = PyBytes_AS_STRING(arg), *end = text + PyBytes_GET_SIZE(arg);
-    Py_ssize_t count = 0, size = 0;
-    for (const char *p = text; p < end;) {
-        if (*p == ' ') {
-            p++;
-            continue;
-        }
-        const char *stop = memchr(p, ' ', (size_t)(end - p));
-        Py_ssize_t len = (stop ? stop : end) - p;
-        char digits[24];
-        size += len + 5 + snprintf(digits, sizeof digits, "%zd", len);
-        count++;
-        p += len;
-    }
+    const char *text = PyBytes_AS_STRING(arg), *end = text + PyBytes_GET_SIZE(arg), *word;
+    Py_ssize_t count = 0, size = 0, len;
+    char header[32];
+    for (const char *p = text; next_word(&p, end, &word, &len); count++)
+        size += snprintf(header, sizeof header, "$%zd\r\n", len) + len + 2;
     PyObject *out = PyBytes_FromStringAndSize(NULL, size);
     if (out == NULL)
         return NULL;
     char *o = PyBytes_AS_STRING(out);
-    for (const char *p = text; p < end;) {
-        if (*p == ' ') {
-            p++;
-            continue;
-        }
-        const char *stop = memchr(p, ' ', (size_t)(end - p));
-        Py_ssize_t len = (stop ? stop : end) - p;
-        o += sprintf(o, "$%zd\r\n", len);
-        memcpy(o, p, (size_t)len);
-        o += len;
+    for (const char *p = text; next_word(&p, end, &word, &len);) {
+        int n = snprintf(header, sizeof header, "$%zd\r\n", len);
+        memcpy(o, header, (size_t)n);
+        memcpy(o + n, word, (size_t)len);
+        o += n + len;
         *o++ = '\r';
         *o++ = '\n';
-        p += len;
     }
     return Py_BuildValue("(nN)", count, out);
 }
