@@ -210,7 +210,9 @@ def _read_raw(
             ">",
         )
         connection.send_packed_command(command)
-        buffer, end = _receive(connection)
+        buffer, end, received = _receive(connection)
+        if received != end:  # more than the reply came: the connection is not trusted
+            connection.disconnect()
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         connection.disconnect()
         _log_fallback(exc)
@@ -249,8 +251,9 @@ def decode_reply(
     return _merge(chunk, skipped, left, ids.decode("ascii"), max_entry_bytes, max_io_elements)
 
 
-def _receive(connection: Any) -> tuple[bytearray, int]:
-    """One whole reply from the connection's socket, as bytes: the buffer and its end."""
+def _receive(connection: Any) -> tuple[bytearray, int, int]:
+    """One whole reply from the connection's socket, as bytes: the buffer, the reply's end
+    and the end of the bytes received (beyond the reply only if Redis sent more)."""
     assert resp_scan is not None
     sock = connection._sock  # the connected socket (plain, TLS or Unix) of redis-py 8
     buffer: bytearray = getattr(_reading, "buffer", None) or bytearray(1 << 20)
@@ -266,9 +269,7 @@ def _receive(connection: Any) -> tuple[bytearray, int]:
         filled += got
         pos, stack = resp_scan(buffer, filled, pos, stack)
     _reading.buffer = buffer
-    if pos != filled:
-        raise redis.ConnectionError("bytes after the XREADGROUP reply")
-    return buffer, pos
+    return buffer, pos, filled
 
 
 def _log_fallback(exc: BaseException) -> None:
