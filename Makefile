@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format typecheck bench clean services
 
-$(STAMP): pyproject.toml src/processor/core/_speedups.c src/processor/tools/_export_columns.c
+$(STAMP): pyproject.toml src/processor/_cbuffer.h src/processor/core/_speedups.c src/processor/tools/_export_columns.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -17,33 +17,22 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "../_cbuffer.h"
+
 enum { IDENTITY = 0, LABELS = 1, DIVIDE = 2, CALL = 3 };
 
 /* PostgreSQL timestamps count microseconds from 2000-01-01T00:00:00Z. */
 #define PG_EPOCH_MS 946684800000LL
 #define EXACT_DOUBLE (1LL << 53)
 
-typedef struct {
-    char *data;
-    Py_ssize_t len;
-    Py_ssize_t cap;
-} Buffer;
-
+/* Room for ``extra`` more bytes in ``b``; -1 with MemoryError raised. */
 static int
 reserve(Buffer *b, Py_ssize_t extra)
 {
-    if (b->len + extra <= b->cap)
-        return 0;
-    Py_ssize_t cap = b->cap ? b->cap : 1024;
-    while (cap < b->len + extra)
-        cap *= 2;
-    char *data = PyMem_Realloc(b->data, (size_t)cap);
-    if (data == NULL) {
+    if (buffer_grow(b, extra) < 0) {
         PyErr_NoMemory();
         return -1;
     }
-    b->data = data;
-    b->cap = cap;
     return 0;
 }
 
@@ -605,7 +594,7 @@ encode_attributes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *out = NULL;
     if (put_object(&b, args[0], c) == 0)
         out = PyBytes_FromStringAndSize(b.data, b.len);
-    PyMem_Free(b.data);
+    buffer_free(&b);
     return out;
 }
 
@@ -740,11 +729,11 @@ attribute_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         PyList_SET_ITEM(rows, i, row);
     }
-    PyMem_Free(b.data);
+    buffer_free(&b);
     Py_DECREF(records);
     return Py_BuildValue("(NL)", rows, unknown);
 fail:
-    PyMem_Free(b.data);
+    buffer_free(&b);
     Py_XDECREF(rows);
     Py_DECREF(records);
     return NULL;
@@ -846,11 +835,11 @@ attribute_copy_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     if (put(&out, "\xff\xff", 2) < 0)
         goto fail;
     PyObject *data = PyBytes_FromStringAndSize(out.data, out.len);
-    PyMem_Free(out.data);
+    buffer_free(&out);
     Py_DECREF(records);
     return data == NULL ? NULL : Py_BuildValue("(NL)", data, unknown);
 fail:
-    PyMem_Free(out.data);
+    buffer_free(&out);
     Py_DECREF(records);
     return NULL;
 }

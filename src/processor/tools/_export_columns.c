@@ -38,34 +38,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../_cbuffer.h"
+
 #define MAX_TS_MS 253402300799999LL
 #define MAX_U32 4294967295LL
 #define FIELD_NAME_BYTES 12 /* len("v") + len("imei") + len("payload") */
 #define IMEI_DIGITS 15
 #define MAX_INT_DIGITS 18
 #define MAX_FLOAT_CHARS 63
-
-typedef struct {
-    char *data;
-    Py_ssize_t len;
-    Py_ssize_t cap;
-} Buffer;
-
-static int
-reserve(Buffer *b, Py_ssize_t extra)
-{
-    if (b->len + extra <= b->cap)
-        return 0;
-    Py_ssize_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + extra)
-        cap *= 2;
-    char *data = PyMem_RawRealloc(b->data, (size_t)cap); /* no GIL needed */
-    if (data == NULL)
-        return -1;
-    b->data = data;
-    b->cap = cap;
-    return 0;
-}
 
 /* The payload's keys, in the bit order of ``seen``. */
 enum {
@@ -562,9 +542,9 @@ columns_free(Columns *cols)
     PyMem_RawFree(cols->imei_offsets);
     PyMem_RawFree(cols->id_offsets);
     PyMem_RawFree(cols->io_offsets);
-    PyMem_RawFree(cols->imeis.data);
-    PyMem_RawFree(cols->ids.data);
-    PyMem_RawFree(cols->io.data);
+    buffer_free(&cols->imeis);
+    buffer_free(&cols->ids);
+    buffer_free(&cols->io);
     PyMem_RawFree(cols->io_ids.seen);
     PyMem_RawFree(cols->io_ids.ids);
     PyMem_RawFree(cols->entries);
@@ -577,24 +557,26 @@ columns_free(Columns *cols)
         memcpy(cols->fixed[f] + rows * (Py_ssize_t)sizeof(type), &v_, sizeof(type));         \
     } while (0)
 
-/* The entry's bytes of ``flat`` at ``i`` when it is a bytes object, else NULL. */
-static inline PyObject *
-bytes_at(PyObject *flat, Py_ssize_t i)
+/* Sets ``e``'s IMEI and payload from an entry's ``count`` field names and values when
+ * they have the contract's shape: three fields in order, version "1", a 15-byte IMEI,
+ * within the size limit; else leaves ``e->payload`` NULL (the entry is skipped). */
+static int
+contract_shape(Entry *e, Py_ssize_t count, const char *const value[6],
+               const Py_ssize_t len[6], Py_ssize_t max_bytes)
 {
-    PyObject *item = PyList_GET_ITEM(flat, i);
-    return PyBytes_CheckExact(item) ? item : NULL;
+    if (count != 6 || len[0] != 1 || value[0][0] != 'v' || len[2] != 4 ||
+        memcmp(value[2], "imei", 4) != 0 || len[4] != 7 || memcmp(value[4], "payload", 7) != 0 ||
+        len[1] != 1 || value[1][0] != '1' || len[3] != IMEI_DIGITS ||
+        FIELD_NAME_BYTES + 1 + IMEI_DIGITS + len[5] > max_bytes)
+        return 0;
+    e->imei = value[3];
+    e->payload = value[5];
+    e->payload_len = len[5];
+    return 1;
 }
 
-static inline int
-is_name(PyObject *item, const char *name, Py_ssize_t len)
-{
-    return item != NULL && PyBytes_GET_SIZE(item) == len &&
-           memcmp(PyBytes_AS_STRING(item), name, (size_t)len) == 0;
-}
-
-/* The entry ``item`` of the reply in ``e`` when it has the contract's shape (three
- * fields in order, version "1", a 15-byte IMEI, within the size limit); else
- * ``e->payload`` is NULL. With the GIL held. */
+/* The entry ``item`` of a parsed reply (``[id, [name, value, ...]]``) in ``e``: its id,
+ * and its IMEI and payload when it has the contract's shape. With the GIL held. */
 static void
 entry_of(PyObject *item, Py_ssize_t max_bytes, Entry *e)
 {
@@ -604,18 +586,18 @@ entry_of(PyObject *item, Py_ssize_t max_bytes, Entry *e)
     PyObject *sid = PyList_GET_ITEM(item, 0), *flat = PyList_GET_ITEM(item, 1);
     if (!PyBytes_CheckExact(sid) || !PyList_CheckExact(flat) || PyList_GET_SIZE(flat) != 6)
         return;
-    PyObject *v = bytes_at(flat, 1), *imei = bytes_at(flat, 3), *payload = bytes_at(flat, 5);
-    if (!is_name(bytes_at(flat, 0), "v", 1) || !is_name(bytes_at(flat, 2), "imei", 4) ||
-        !is_name(bytes_at(flat, 4), "payload", 7) || !is_name(v, "1", 1) || imei == NULL ||
-        payload == NULL || PyBytes_GET_SIZE(imei) != IMEI_DIGITS)
-        return;
-    if (FIELD_NAME_BYTES + 1 + IMEI_DIGITS + PyBytes_GET_SIZE(payload) > max_bytes)
-        return;
+    const char *value[6];
+    Py_ssize_t len[6];
+    for (int k = 0; k < 6; k++) {
+        PyObject *field = PyList_GET_ITEM(flat, k);
+        if (!PyBytes_CheckExact(field))
+            return;
+        value[k] = PyBytes_AS_STRING(field);
+        len[k] = PyBytes_GET_SIZE(field);
+    }
     e->id = PyBytes_AS_STRING(sid);
     e->id_len = PyBytes_GET_SIZE(sid);
-    e->imei = PyBytes_AS_STRING(imei);
-    e->payload = PyBytes_AS_STRING(payload);
-    e->payload_len = PyBytes_GET_SIZE(payload);
+    contract_shape(e, 6, value, len, max_bytes);
 }
 
 enum { TAKEN = 1, SKIPPED = 0, NO_MEMORY = -1, TOO_LONG = -2 };
@@ -637,7 +619,7 @@ entry_row(Columns *cols, Py_ssize_t rows, const Entry *e)
         if ((unsigned char)e->id[i] >= 0x80)
             return SKIPPED; /* a stream id is ASCII */
     Row row;
-    if (reserve(&cols->io, 2 * e->payload_len + 16) < 0) /* the IO text is never longer */
+    if (buffer_grow(&cols->io, 2 * e->payload_len + 16) < 0) /* the IO text is never longer */
         return NO_MEMORY;
     char *out = cols->io.data + cols->io.len;
     IoIds *io = &cols->io_ids;
@@ -650,7 +632,7 @@ entry_row(Columns *cols, Py_ssize_t rows, const Entry *e)
     cols->io.len = out - cols->io.data;
     if (cols->io.len > INT32_MAX || cols->ids.len + e->id_len > INT32_MAX)
         return TOO_LONG;
-    if (reserve(&cols->ids, e->id_len) < 0)
+    if (buffer_grow(&cols->ids, e->id_len) < 0)
         return NO_MEMORY;
     memcpy(cols->imeis.data + rows * IMEI_DIGITS, digits, IMEI_DIGITS);
     cols->imei_offsets[rows + 1] = (int32_t)((rows + 1) * IMEI_DIGITS);
@@ -701,8 +683,8 @@ columns_alloc(Columns *cols, Py_ssize_t n, Py_ssize_t max_io)
     cols->io_ids.max_io = max_io;
     failed |= (cols->entries = PyMem_RawCalloc((size_t)slots, sizeof(Entry))) == NULL;
     failed |= (cols->skipped = PyMem_RawMalloc((size_t)slots * sizeof(Py_ssize_t))) == NULL;
-    failed |= reserve(&cols->imeis, slots * IMEI_DIGITS) < 0 ||
-              reserve(&cols->io, slots * 256) < 0 || reserve(&cols->ids, slots * 16) < 0;
+    failed |= buffer_grow(&cols->imeis, slots * IMEI_DIGITS) < 0 ||
+              buffer_grow(&cols->io, slots * 256) < 0 || buffer_grow(&cols->ids, slots * 16) < 0;
     if (failed) {
         PyErr_NoMemory();
         return -1;
@@ -1029,7 +1011,7 @@ export_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (columns_alloc(&cols, n, max_io) < 0)
         goto finally;
     fields_at = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(char *));
-    if (fields_at == NULL || reserve(&id_text, n * 16 + 1) < 0) {
+    if (fields_at == NULL || buffer_grow(&id_text, n * 16 + 1) < 0) {
         PyErr_NoMemory();
         goto finally;
     }
@@ -1040,7 +1022,7 @@ export_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyErr_SetString(PyExc_ValueError, "an entry of the reply is not [id, fields]");
             goto finally;
         }
-        if (reserve(&id_text, id_len + 1) < 0) {
+        if (buffer_grow(&id_text, id_len + 1) < 0) {
             PyErr_NoMemory();
             goto finally;
         }
@@ -1065,19 +1047,11 @@ export_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 value_len[k] = len;
             }
         }
-        Entry *e = &cols.entries[i]; /* zeroed: payload NULL (skipped) unless set below */
+        Entry *e = &cols.entries[i]; /* zeroed: payload NULL (skipped) unless shaped */
         e->id = id;
         e->id_len = id_len;
-        if (count == 6 && value_len[0] == 1 && value[0][0] == 'v' && value_len[2] == 4 &&
-            memcmp(value[2], "imei", 4) == 0 && value_len[4] == 7 &&
-            memcmp(value[4], "payload", 7) == 0 && value_len[1] == 1 && value[1][0] == '1' &&
-            value_len[3] == IMEI_DIGITS &&
-            FIELD_NAME_BYTES + 1 + IMEI_DIGITS + value_len[5] <= max_bytes) {
-            e->imei = value[3];
-            e->payload = value[5];
-            e->payload_len = value_len[5];
+        if (contract_shape(e, count, value, value_len, max_bytes))
             base[value[5] - base + value_len[5]] = '\0'; /* was the CR after the payload */
-        }
     }
     if (p != end) {
         PyErr_SetString(PyExc_ValueError, "bytes after the XREADGROUP reply");
@@ -1115,7 +1089,7 @@ finally:
     Py_XDECREF(items);
     Py_XDECREF(ids);
     PyMem_RawFree(fields_at);
-    PyMem_RawFree(id_text.data);
+    buffer_free(&id_text);
     columns_free(&cols);
     PyBuffer_Release(&view);
     return result;
